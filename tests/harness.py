@@ -1,0 +1,87 @@
+"""Test helpers: build MARs from weights the tests make, run handlers in process."""
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+import torchvision
+import yaml
+from PIL import Image
+from ts.context import Context, RequestProcessor
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import build_mar  # noqa: E402
+
+
+class RecordingMetrics:
+    """Stands in for TorchServe's metrics cache; keeps every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        if not name.startswith("add_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+def build_image_mar(tmp: Path, name: str, architecture: str = "resnet18", labels=("cat", "dog", "owl"),
+                    config: dict | None = None, seed: int = 0) -> Path:
+    """A MAR of ``architecture`` with random weights made here."""
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=len(labels))
+    weights, label_file, config_file = tmp / f"{name}.pt", tmp / f"{name}-labels.json", tmp / f"{name}.yaml"
+    torch.save(model.state_dict(), weights)
+    label_file.write_text(json.dumps({str(i): label for i, label in enumerate(labels)}))
+    config_file.write_text(yaml.safe_dump(config or {}))
+    build_mar.main(["image", "--name", name, "--architecture", architecture, "--weights", str(weights),
+                    "--labels", str(label_file), "--config", str(config_file), "--export-path", str(tmp / "store")])
+    return tmp / "store" / f"{name}.mar"
+
+
+def unpack(mar: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(mar) as archive:
+        archive.extractall(dest)
+    return dest
+
+
+class InProcessHandler:
+    """A handler from an unpacked MAR, driven as TorchServe's worker drives it."""
+
+    def __init__(self, model_dir: Path, module: str, class_name: str, env: dict | None = None, monkeypatch=None):
+        manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+        yaml_config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
+        sys.path.insert(0, str(model_dir))
+        try:
+            handler_module = importlib.import_module(module)
+        finally:
+            sys.path.remove(str(model_dir))
+        self.metrics = RecordingMetrics()
+        self.context = Context(manifest["model"]["modelName"], str(model_dir), manifest, 4, None, "0.12.0",
+                               metrics=self.metrics, model_yaml_config=yaml_config)
+        self.handler = getattr(handler_module, class_name)()
+        self.handler.initialize(self.context)
+
+    def __call__(self, requests: list) -> list[tuple[int, object]]:
+        """``requests``: (body, headers) pairs; returns (status, decoded JSON) pairs."""
+        self.context.request_processor = [RequestProcessor(dict(headers)) for _, headers in requests]
+        self.context.request_ids = {i: f"req-{i}" for i in range(len(requests))}
+        rows = [{"body": body} for body, _ in requests]
+        out = self.handler.handle(rows, self.context)
+        assert len(out) == len(requests)
+        return [(self.context.get_response_status(i)[0], json.loads(body)) for i, body in enumerate(out)]
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+EXPLAIN = {"explain": "True"}

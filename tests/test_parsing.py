@@ -1,0 +1,81 @@
+"""Request parsing: valid forms, clear 4xx errors, and a hypothesis fuzz."""
+import base64
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tsexplain.errors import RequestError
+from tsexplain.parsing import parse_image_request, resolve_target
+
+IMAGE = b"\x89PNG fake bytes"
+B64 = base64.b64encode(IMAGE).decode()
+
+
+def test_raw_bytes_and_base64_text():
+    assert parse_image_request({"body": bytearray(IMAGE)}).image == IMAGE
+    assert parse_image_request({"data": B64}).image == IMAGE
+
+
+def test_json_object_decoded_by_torchserve_or_raw():
+    fields = {"data": B64, "target": "star", "outputs": ["overlay_png", "heatmap"], "heatmap_size": "input", "top_k": 2}
+    for body in (fields, json.dumps(fields).encode()):
+        req = parse_image_request({"body": body})
+        assert req.image == IMAGE and req.target == "star" and req.top_k == 2
+        assert req.outputs == ("overlay_png", "heatmap") and req.heatmap_size == "input"
+    assert parse_image_request({"body": {"data": B64, "target": "predicted"}}).target is None
+
+
+@pytest.mark.parametrize("body,kind", [
+    (b'{"data": ', "bad_json"),
+    ([1, 2], "bad_json"),
+    ({"data": 5}, "bad_data"),
+    ({"data": "!!!"}, "bad_base64"),
+    ({"data": B64, "target": 1.5}, "bad_target"),
+    ({"data": B64, "target": True}, "bad_target"),
+    ({"data": B64, "outputs": ["heatmap", "saliency"]}, "bad_outputs"),
+    ({"data": B64, "heatmap_size": "huge"}, "bad_heatmap_size"),
+    ({"data": B64, "top_k": 0}, "bad_top_k"),
+    ({"data": B64, "taget": 1}, "unknown_field"),
+])
+def test_bad_requests_are_400_with_a_type(body, kind):
+    with pytest.raises(RequestError) as info:
+        parse_image_request({"body": body})
+    assert info.value.kind == kind and info.value.status == 400
+    assert info.value.to_json()["code"] == 400
+
+
+def test_resolve_target():
+    labels = ["circle", "square", "star"]
+    assert resolve_target(None, labels) is None
+    assert resolve_target(2, labels) == 2
+    assert resolve_target("square", labels) == 1
+    assert resolve_target("2", labels) == 2
+    for bad in (3, -1, "hexagon"):
+        with pytest.raises(RequestError) as info:
+            resolve_target(bad, labels)
+        assert info.value.kind == "unknown_target"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+fields = st.fixed_dictionaries({}, optional={
+    "data": st.one_of(st.just(B64), st.text(max_size=30), json_values),
+    "target": json_values, "outputs": json_values, "heatmap_size": json_values,
+    "top_k": json_values, "method": json_values, "priority": json_values,
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.one_of(st.binary(max_size=200), fields, fields.map(lambda d: json.dumps(d).encode()), json_values))
+def test_fuzz_only_request_errors(body):
+    """Whatever the body, parsing returns a request or raises RequestError, nothing else."""
+    try:
+        req = parse_image_request({"body": body})
+    except RequestError as error:
+        assert 400 <= error.status < 500 and error.message
+    else:
+        assert isinstance(req.image, bytes)

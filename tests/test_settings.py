@@ -1,0 +1,42 @@
+"""Settings: YAML section, environment overrides, loud validation."""
+import pytest
+
+from tsexplain.errors import ConfigError
+from tsexplain.settings import ImageExplainSettings, ImageModelSettings, env_names, load_section
+
+
+def test_defaults_and_yaml():
+    s = load_section(ImageExplainSettings, {"target_layer": "layer3", "outputs": ["overlay_png"]}, "shapes", {})
+    assert s.target_layer == "layer3" and s.outputs == ["overlay_png"] and s.heatmap_size == "feature"
+
+
+def test_environment_overrides_model_specific_first():
+    env = {"TSEXPLAIN_TARGET_LAYER": "layer2", "TSEXPLAIN_MY_MODEL_TARGET_LAYER": "layer1",
+           "TSEXPLAIN_HEATMAP_DECIMALS": "4"}
+    s = load_section(ImageExplainSettings, {"target_layer": "layer4"}, "my-model", env)
+    assert s.target_layer == "layer1" and s.heatmap_decimals == 4
+    assert env_names("my-model", "top_k") == ["TSEXPLAIN_MY_MODEL_TOP_K", "TSEXPLAIN_TOP_K"]
+    m = load_section(ImageModelSettings, {}, "other", {"TSEXPLAIN_RESIZE": "[64, 80]", "TSEXPLAIN_CROP": "null"})
+    assert m.resize == [64, 80] and m.crop is None
+
+
+@pytest.mark.parametrize("cls,section,message", [
+    (ImageExplainSettings, {"target_layr": "x"}, "unknown setting"),
+    (ImageExplainSettings, {"method": "lime"}, "method"),
+    (ImageExplainSettings, {"heatmap_size": "big"}, "heatmap_size"),
+    (ImageExplainSettings, {"outputs": ["png"]}, "outputs"),
+    (ImageExplainSettings, {"overlay_alpha": 2}, "overlay_alpha"),
+    (ImageModelSettings, {"top_k": 0}, "top_k"),
+    (ImageModelSettings, {"resize": "big"}, "resize"),
+    (ImageModelSettings, {"crop": None, "resize": 256}, "fixed input size"),
+    (ImageModelSettings, {"std": [0, 1, 1]}, "std"),
+    (ImageModelSettings, {"num_classes": True}, "num_classes"),
+])
+def test_nonsense_fails_loudly(cls, section, message):
+    with pytest.raises(ConfigError, match=message):
+        load_section(cls, section, "m", {})
+
+
+def test_bad_env_value_names_the_variable():
+    with pytest.raises(ConfigError, match="TSEXPLAIN_TOP_K"):
+        load_section(ImageModelSettings, {}, "m", {"TSEXPLAIN_TOP_K": "[unclosed"})

@@ -1,0 +1,142 @@
+"""Settings read once at load time: model config YAML, then environment overrides.
+
+Each section is a frozen dataclass. ``load_section`` takes the section's mapping
+from the YAML, applies ``TSEXPLAIN_<MODEL>_<KEY>`` then ``TSEXPLAIN_<KEY>``
+environment variables (values parsed as YAML: ``true``, ``5``, ``[64, 64]``), and
+validates the result. Unknown keys and bad values raise ``ConfigError``, so a
+model with nonsense settings fails to load instead of serving wrong answers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+T = TypeVar("T")
+ENV_PREFIX = "TSEXPLAIN"
+HEATMAP_SIZES = ("feature", "input")
+IMAGE_OUTPUTS = ("heatmap", "overlay_png")
+
+
+def env_names(model_name: str, key: str) -> list[str]:
+    """Environment variables that override ``key``, most specific first."""
+    model = re.sub(r"[^A-Za-z0-9]", "_", model_name).upper()
+    return [f"{ENV_PREFIX}_{model}_{key.upper()}", f"{ENV_PREFIX}_{key.upper()}"]
+
+
+def load_section(cls: type[T], section: Optional[Mapping[str, Any]], model_name: str, environ: Mapping[str, str]) -> T:
+    """Build settings ``cls`` from a YAML section and environment overrides."""
+    if section is None:
+        section = {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(section).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(section) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown} in {cls.section!r}; known: {names}")
+    values = dict(section)
+    for name in names:
+        for variable in env_names(model_name, name):
+            if variable in environ:
+                try:
+                    values[name] = yaml.safe_load(environ[variable])
+                except yaml.YAMLError as exc:
+                    raise ConfigError(f"{variable}: not a valid value ({exc.problem})") from None
+                break
+    return cls(**values)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _is_size(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value > 0
+    return (
+        isinstance(value, (list, tuple)) and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+@dataclass(frozen=True)
+class ImageModelSettings:
+    """The ``handler:`` section of an image model: how to load and preprocess.
+
+    ``architecture`` names a torchvision classifier builder (``resnet18``); with it
+    the handler builds that architecture with ``num_classes`` outputs and loads the
+    MAR's serialized state dict. Without it, TorchServe's own loading applies.
+    """
+
+    section = "handler"
+    architecture: Optional[str] = None
+    num_classes: Optional[int] = None
+    resize: Any = 256
+    crop: Any = 224
+    mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list = field(default_factory=lambda: list(IMAGENET_STD))
+    top_k: int = 5
+    max_image_pixels: int = 40_000_000
+
+    def __post_init__(self):
+        _check(self.architecture is None or isinstance(self.architecture, str), "handler.architecture must be a string")
+        _check(self.num_classes is None or _is_int(self.num_classes, 1, 1_000_000), "handler.num_classes must be a positive int")
+        _check(self.resize is None or _is_size(self.resize), "handler.resize must be a positive int, [h, w] or null")
+        _check(self.crop is None or _is_size(self.crop), "handler.crop must be a positive int, [h, w] or null")
+        _check(self.crop is not None or isinstance(self.resize, (list, tuple)),
+               "handler: batching needs a fixed input size: set crop, or resize to [h, w]")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, (list, tuple)) and len(value) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+                f"handler.{name} must be three numbers",
+            )
+        _check(all(v > 0 for v in self.std), "handler.std values must be positive")
+        _check(_is_int(self.top_k, 1, 1000), "handler.top_k must be an int in [1, 1000]")
+        _check(_is_int(self.max_image_pixels, 1, 1 << 34), "handler.max_image_pixels must be a positive int")
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.resize, self.crop, tuple(self.mean), tuple(self.std))
+
+
+@dataclass(frozen=True)
+class ImageExplainSettings:
+    """The ``explain:`` section of an image model.
+
+    ``target_layer``: dotted module name; ``None`` finds it automatically.
+    ``heatmap_size`` and ``outputs`` are the defaults a request may override.
+    ``heatmap_decimals`` rounds heatmap values in the JSON (compact responses).
+    """
+
+    section = "explain"
+    target_layer: Optional[str] = None
+    method: str = "gradcam"
+    heatmap_size: str = "feature"
+    outputs: list = field(default_factory=lambda: ["heatmap"])
+    heatmap_decimals: int = 3
+    overlay_alpha: float = 0.6
+
+    def __post_init__(self):
+        _check(self.target_layer is None or (isinstance(self.target_layer, str) and self.target_layer),
+               "explain.target_layer must be a dotted module name")
+        _check(self.method == "gradcam", f"explain.method {self.method!r} is not supported; use 'gradcam'")
+        _check(self.heatmap_size in HEATMAP_SIZES, f"explain.heatmap_size must be one of {list(HEATMAP_SIZES)}")
+        _check(isinstance(self.outputs, (list, tuple)) and set(self.outputs) <= set(IMAGE_OUTPUTS),
+               f"explain.outputs must be a list drawn from {list(IMAGE_OUTPUTS)}")
+        _check(_is_int(self.heatmap_decimals, 1, 8), "explain.heatmap_decimals must be an int in [1, 8]")
+        _check(isinstance(self.overlay_alpha, (int, float)) and 0 < self.overlay_alpha <= 1,
+               "explain.overlay_alpha must be in (0, 1]")
