@@ -33,6 +33,11 @@ def is_explain_request(context, idx: int) -> bool:
     return context.get_request_header(idx, "explain") == "True"
 
 
+def log_batch(data, explained: int) -> None:
+    """One line per batch: its size and how many requests were explained."""
+    logger.info("batch size=%d explained=%d", len(data), explained)
+
+
 def answer(context, idx: int, body: Any, status: int = 200) -> str:
     """Compact JSON body for request ``idx``, with its status and content type."""
     context.set_response_status(status, "OK" if status == 200 else "", idx)

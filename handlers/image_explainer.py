@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from ts.torch_handler.image_classifier import ImageClassifier
 
-from explain_common import Prepared, answer, answer_error, explanation_failed, is_explain_request
+from explain_common import Prepared, answer, answer_error, explanation_failed, is_explain_request, log_batch
 from tsexplain.errors import ConfigError, RequestError
 from tsexplain.gradcam import GradCAM
 from tsexplain.images import decode_image, resize_map, render_overlay
@@ -75,6 +75,7 @@ class ImageExplainer(ImageClassifier):
                 answers[idx] = answer_error(context, idx, error)
         if items:
             self._answer_batch(items, answers)
+        log_batch(data, sum(item.explain for item in items))
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
         return answers
 

@@ -16,7 +16,7 @@ from ts.context import Context, RequestProcessor
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-import build_mar  # noqa: E402
+import build_mar  # noqa: E402,F401
 
 
 class RecordingMetrics:
@@ -85,3 +85,20 @@ def png(image: Image.Image) -> bytes:
 
 
 EXPLAIN = {"explain": "True"}
+
+
+def build_text_mar(tmp: Path, name: str, family: str = "bert", config: dict | None = None,
+                   labels=("negative", "neutral", "positive")) -> Path:
+    """A MAR of a tiny random Hugging Face classifier saved with save_pretrained."""
+    from tiny_hf import tiny_classifier
+
+    model, tokenizer = tiny_classifier(family)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    model_dir, config_file = tmp / f"{name}-hf", tmp / f"{name}.yaml"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config_file.write_text(yaml.safe_dump(config or {}))
+    build_mar.main(["text", "--name", name, "--model-dir", str(model_dir), "--config", str(config_file),
+                    "--export-path", str(tmp / "store")])
+    return tmp / "store" / f"{name}.mar"

@@ -117,6 +117,8 @@ class TorchServe:
                 api: str = "inference", timeout: float = 60) -> tuple[int, bytes]:
         """One HTTP call with the API's token; returns (status, body), 4xx/5xx included."""
         all_headers = dict(headers or {})
+        if data is not None and not any(k.lower() == "content-type" for k in all_headers):
+            all_headers["Content-Type"] = "application/octet-stream"  # not urllib's form encoding
         token = self.key(api)
         if token and "Authorization" not in all_headers:
             all_headers["Authorization"] = f"Bearer {token}"

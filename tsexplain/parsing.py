@@ -17,6 +17,7 @@ from .settings import HEATMAP_SIZES, IMAGE_OUTPUTS
 
 Target = Union[int, str, None]  # index, label, or None for the predicted class
 IMAGE_FIELDS = {"data", "target", "method", "outputs", "heatmap_size", "top_k", "priority"}
+TEXT_FIELDS = {"data", "target", "method", "n_steps", "top_k", "html", "priority"}
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ def request_body(row: Mapping[str, Any]) -> Any:
             return row[key]
     if len(row) == 1 and next(iter(row.values())) is not None:  # a form part under another name
         return next(iter(row.values()))
-    raise RequestError("the request has no body", "empty_body")
+    raise RequestError(
+        "the request has no body; send it raw (Content-Type application/octet-stream for images, "
+        "text/plain for text) or as application/json with a 'data' field", "empty_body")
 
 
 def _json_object(body: Any) -> Optional[dict]:
@@ -128,6 +131,57 @@ def parse_image_request(row: Mapping[str, Any]) -> ImageRequest:
         outputs=outputs,
         heatmap_size=heatmap_size,
         top_k=_optional_int(options, "top_k", 1, 1000),
+        priority=_optional_str(options, "priority"),
+    )
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    text: str
+    target: Target = None
+    method: Optional[str] = None
+    n_steps: Optional[int] = None
+    top_k: Optional[int] = None
+    html: Optional[bool] = None
+    priority: Optional[str] = None
+
+
+def _text(value: Any, max_chars: int) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"the text is not valid UTF-8 (byte {exc.start})", "bad_encoding") from None
+    if not isinstance(value, str):
+        raise RequestError("'data' must be a string of text", "bad_data")
+    if not value.strip():
+        raise RequestError("the text is empty or only whitespace", "empty_text")
+    if len(value) > max_chars:
+        raise RequestError(f"the text has {len(value)} characters, over the limit of {max_chars}", "text_too_long", 413)
+    return value
+
+
+def parse_text_request(row: Mapping[str, Any], max_chars: int, max_n_steps: int) -> TextRequest:
+    """Validate one text request row: raw UTF-8 text, or a JSON object."""
+    body = request_body(row)
+    options = _json_object(body)
+    if options is None:
+        if isinstance(body, (dict, list)) or not isinstance(body, (bytes, bytearray, str)):
+            raise RequestError("expected text or a JSON object with 'data'", "bad_json")
+        return TextRequest(text=_text(body, max_chars))
+    unknown = sorted(set(options) - TEXT_FIELDS)
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}; known: {sorted(TEXT_FIELDS)}", "unknown_field")
+    html = options.get("html")
+    if html is not None and not isinstance(html, bool):
+        raise RequestError("'html' must be true or false", "bad_html")
+    return TextRequest(
+        text=_text(options.get("data"), max_chars),
+        target=parse_target(options.get("target")),
+        method=_optional_str(options, "method"),
+        n_steps=_optional_int(options, "n_steps", 1, max_n_steps),
+        top_k=_optional_int(options, "top_k", 1, 1000),
+        html=html,
         priority=_optional_str(options, "priority"),
     )
 

@@ -140,3 +140,57 @@ class ImageExplainSettings:
         _check(_is_int(self.heatmap_decimals, 1, 8), "explain.heatmap_decimals must be an int in [1, 8]")
         _check(isinstance(self.overlay_alpha, (int, float)) and 0 < self.overlay_alpha <= 1,
                "explain.overlay_alpha must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TextModelSettings:
+    """The ``handler:`` section of a text model.
+
+    ``model_path``: the ``save_pretrained`` folder inside the MAR. ``max_length``:
+    token budget per text (``None``: the tokenizer's, capped by the model's).
+    ``top_k``: classes in a prediction (``None``: all).
+    """
+
+    section = "handler"
+    model_path: str = "hf_model"
+    max_length: Optional[int] = None
+    top_k: Optional[int] = None
+    max_text_chars: int = 100_000
+
+    def __post_init__(self):
+        _check(isinstance(self.model_path, str) and self.model_path, "handler.model_path must be a folder name")
+        _check(self.max_length is None or _is_int(self.max_length, 2, 1 << 20), "handler.max_length must be an int >= 2")
+        _check(self.top_k is None or _is_int(self.top_k, 1, 1000), "handler.top_k must be an int in [1, 1000]")
+        _check(_is_int(self.max_text_chars, 1, 1 << 30), "handler.max_text_chars must be a positive int")
+
+
+@dataclass(frozen=True)
+class TextExplainSettings:
+    """The ``explain:`` section of a text model (Layer Integrated Gradients).
+
+    ``layer``: dotted module name; ``None`` uses ``get_input_embeddings()``.
+    ``n_steps`` is the default; a request may ask for up to ``max_n_steps``.
+    """
+
+    section = "explain"
+    method: str = "layer_ig"
+    layer: Optional[str] = None
+    baseline: str = "pad"
+    n_steps: int = 32
+    max_n_steps: int = 256
+    integration_method: str = "gausslegendre"
+    internal_batch_size: int = 64
+    top_k_words: int = 5
+    html: bool = False
+
+    def __post_init__(self):
+        _check(self.method == "layer_ig", f"explain.method {self.method!r} is not supported; use 'layer_ig'")
+        _check(self.layer is None or (isinstance(self.layer, str) and self.layer), "explain.layer must be a dotted module name")
+        _check(self.baseline in ("pad", "unk", "mask"), "explain.baseline must be one of ['pad', 'unk', 'mask']")
+        _check(_is_int(self.max_n_steps, 1, 10_000), "explain.max_n_steps must be an int in [1, 10000]")
+        _check(_is_int(self.n_steps, 1, self.max_n_steps), "explain.n_steps must be an int in [1, max_n_steps]")
+        _check(self.integration_method in ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"),
+               "explain.integration_method must be gausslegendre or a riemann_* rule")
+        _check(_is_int(self.internal_batch_size, 1, 1 << 20), "explain.internal_batch_size must be a positive int")
+        _check(_is_int(self.top_k_words, 1, 1000), "explain.top_k_words must be an int in [1, 1000]")
+        _check(isinstance(self.html, bool), "explain.html must be true or false")
