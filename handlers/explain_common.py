@@ -1,16 +1,23 @@
-"""TorchServe glue shared by the explainer handlers: per-request answers.
+"""TorchServe glue shared by the explainer handlers: the per-request flow.
 
-Every request of a batch gets its own status and body: a bad request is
-answered with its 4xx error while the others go on.
+Every request of a batch is parsed, checked against the explanation policy and
+answered on its own (status, content type, body); a bad request gets its 4xx
+while the others go on. Model work is done once for the whole batch by the
+handler's ``_answer_batch``.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ts.metrics.dimension import Dimension
+
 from tsexplain.errors import RequestError
+from tsexplain.policy import ExplanationGate, load_secret, lower_case_headers
 
 logger = logging.getLogger(__name__)
 JSON_CONTENT_TYPE = "application/json"
@@ -22,20 +29,16 @@ class Prepared:
 
     idx: int  # position in the batch
     request: Any  # the parsed request
-    explain: bool
+    explain: bool  # an explanation will be computed
     target: Optional[int]  # class index, None for the predicted class
     inputs: Any  # this request's model input
     original: Any = None  # what the input was made from (the decoded image)
+    skipped: Optional[str] = None  # why an asked-for explanation was denied (on_denied: predict)
 
 
 def is_explain_request(context, idx: int) -> bool:
     """True when request ``idx`` came through an explanation route."""
     return context.get_request_header(idx, "explain") == "True"
-
-
-def log_batch(data, explained: int) -> None:
-    """One line per batch: its size and how many requests were explained."""
-    logger.info("batch size=%d explained=%d", len(data), explained)
 
 
 def answer(context, idx: int, body: Any, status: int = 200) -> str:
@@ -57,3 +60,86 @@ def explanation_failed(exc: BaseException) -> RequestError:
     if out_of_memory:
         return RequestError("the explanation ran out of memory; the prediction was not affected", "out_of_memory", 507)
     return RequestError("the explanation failed on the server", "explanation_failed", 503)
+
+
+def ranked_predictions(probabilities, labels: list[str], top_k: int) -> list[tuple[int, str, float]]:
+    """(index, label, probability) of the ``top_k`` classes, most probable first."""
+    values, indices = probabilities.topk(min(top_k, len(labels)))
+    return [(i, labels[i], p) for i, p in zip(indices.tolist(), values.tolist())]
+
+
+def envelope(ranked, explanation: Optional[dict], skipped: Optional[str] = None) -> dict:
+    """The body of an explanation-route answer."""
+    body = {"predictions": [{"index": i, "label": label, "probability": p} for i, label, p in ranked],
+            "explanation": explanation}
+    if skipped is not None:
+        body["explanation_skipped"] = skipped
+    return body
+
+
+class ExplainerFlow:
+    """Mixin for the handlers: per-request parsing, policy and answers.
+
+    The handler sets ``explain_settings`` and calls ``_init_access`` in
+    ``initialize``, and provides ``_parse(row)``, ``_prepare(idx, request)`` and
+    ``_answer_batch(items, answers)``.
+    """
+
+    def _init_access(self) -> None:
+        s = self.explain_settings
+        secret = load_secret(s.token_env, s.token_file, os.environ)
+        self.gate = ExplanationGate(s.enabled, s.policy, s.priority_header, s.priority_values, s.on_denied,
+                                    s.max_per_batch, secret)
+        logger.info("explanations: policy=%s on_denied=%s token=%s max_per_batch=%s", s.policy if s.enabled else "off",
+                    s.on_denied, "required" if secret is not None else "none", s.max_per_batch)
+
+    def handle(self, data, context):
+        start = time.perf_counter()
+        self.context = context
+        answers: list = [None] * len(data)
+        items, granted = [], 0
+        for idx, row in enumerate(data):
+            try:
+                request = self._parse(row)
+                self._check_overrides(request)
+                item = self._prepare(idx, request)
+                if is_explain_request(context, idx):
+                    headers = lower_case_headers(context.get_all_request_header(idx))
+                    decision = self.gate.decide(headers, request.priority, granted)
+                    if decision.allowed:
+                        item.explain, granted = True, granted + 1
+                    else:
+                        self.count("ExplanationsDenied")
+                        if self.explain_settings.on_denied == "reject":
+                            kind = "too_many_explanations" if decision.status == 429 else "explanation_denied"
+                            raise RequestError(decision.reason, kind, decision.status)
+                        item.skipped = decision.reason
+                items.append(item)
+            except RequestError as error:
+                answers[idx] = answer_error(context, idx, error)
+        if items:
+            self._answer_batch(items, answers)
+        logger.info("batch size=%d explained=%d", len(data), granted)
+        context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
+        return answers
+
+    def _check_overrides(self, request) -> None:
+        settings = self.explain_settings
+        for name in settings.override_fields:
+            if getattr(request, name, None) is not None and not settings.allows_override(name):
+                raise RequestError(f"'{name}' may not be set in requests to this model", "override_not_allowed")
+
+    def count(self, name: str, value: float = 1, unit: Optional[str] = None) -> None:
+        """A TorchServe custom metric, by method (counter, or a time when ``unit``)."""
+        dims = [Dimension("Method", self.explain_settings.method)]
+        if unit is None:
+            self.context.metrics.add_counter(name, value, None, dims)
+        else:
+            self.context.metrics.add_time(name, value, None, unit, dims)
+
+    def record_explanation(self, elapsed_ms: float, **fields) -> None:
+        """Metrics and one log line per explanation served (no payloads, no values)."""
+        self.count("ExplanationsServed")
+        self.count("ExplanationLatency", round(elapsed_ms, 2), unit="ms")
+        detail = " ".join(f"{k}={v}" for k, v in fields.items())
+        logger.info("explanation method=%s %s elapsed_ms=%.2f", self.explain_settings.method, detail, elapsed_ms)

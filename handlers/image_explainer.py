@@ -4,7 +4,7 @@
 for the top k). ``/explanations`` answers
 ``{"predictions": [...], "explanation": {...}}`` with a Grad-CAM map computed on
 the model the worker loaded, in the same forward pass as the prediction.
-Each request of a batch is decided and answered on its own.
+Each request of a batch is decided and answered on its own (``ExplainerFlow``).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from ts.torch_handler.image_classifier import ImageClassifier
 
-from explain_common import Prepared, answer, answer_error, explanation_failed, is_explain_request, log_batch
+from explain_common import ExplainerFlow, Prepared, answer, answer_error, envelope, explanation_failed, ranked_predictions
 from tsexplain.errors import ConfigError, RequestError
 from tsexplain.gradcam import GradCAM
 from tsexplain.images import decode_image, resize_map, render_overlay
@@ -29,7 +29,7 @@ from tsexplain.settings import ImageExplainSettings, ImageModelSettings, load_se
 logger = logging.getLogger(__name__)
 
 
-class ImageExplainer(ImageClassifier):
+class ImageExplainer(ExplainerFlow, ImageClassifier):
     """Image classifier handler whose ``/explanations`` route serves Grad-CAM."""
 
     def initialize(self, context):
@@ -39,6 +39,7 @@ class ImageExplainer(ImageClassifier):
         self.explain_settings = load_section(ImageExplainSettings, config.get("explain"), name, os.environ)
         self.preprocessing = self.model_settings.preprocessing()
         self.topk = self.model_settings.top_k
+        self._init_access()
         super().initialize(context)
 
         width, height = self.preprocessing.input_size(1024, 1024)
@@ -63,29 +64,15 @@ class ImageExplainer(ImageClassifier):
             architecture, self.model_settings.num_classes or 1000, model_pt_path, self.device
         )
 
-    def handle(self, data, context):
-        start = time.perf_counter()
-        self.context = context
-        answers: list = [None] * len(data)
-        items = []
-        for idx, row in enumerate(data):
-            try:
-                items.append(self._prepare(idx, row, is_explain_request(context, idx)))
-            except RequestError as error:
-                answers[idx] = answer_error(context, idx, error)
-        if items:
-            self._answer_batch(items, answers)
-        log_batch(data, sum(item.explain for item in items))
-        context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
-        return answers
+    def _parse(self, row):
+        return parse_image_request(row)
 
-    def _prepare(self, idx, row, explain) -> Prepared:
-        request = parse_image_request(row)
+    def _prepare(self, idx, request) -> Prepared:
         if request.method not in (None, "gradcam"):
             raise RequestError(f"unknown method {request.method[:32]!r}; available: ['gradcam']", "unknown_method")
         target = resolve_target(request.target, self.labels)
         image = decode_image(request.image, self.model_settings.max_image_pixels)
-        return Prepared(idx, request, explain, target, self.preprocessing(image), image)
+        return Prepared(idx, request, False, target, self.preprocessing(image), image)
 
     def _answer_batch(self, items: list[Prepared], answers: list) -> None:
         batch = torch.stack([item.inputs for item in items]).to(self.device)
@@ -101,6 +88,7 @@ class ImageExplainer(ImageClassifier):
                 targets = dict(zip(explained, out.targets))
             except Exception as exc:  # the explanation fails alone; predictions go on
                 logger.error("Grad-CAM failed: %s", type(exc).__name__)
+                self.count("ExplanationsFailed", len(explained))
                 failure = explanation_failed(exc)
                 logits = self.inference(batch)
             explain_ms = (time.perf_counter() - began) * 1000
@@ -109,23 +97,19 @@ class ImageExplainer(ImageClassifier):
         probabilities = F.softmax(logits.float(), dim=1).cpu()
 
         for k, item in enumerate(items):
-            top_k = min(item.request.top_k or self.topk, len(self.labels))
-            probs, indices = torch.topk(probabilities[k], top_k)
-            if not item.explain:
-                body = {self.labels[i]: p for i, p in zip(indices.tolist(), probs.tolist())}
-                answers[item.idx] = answer(self.context, item.idx, body)
-            elif failure is not None:
+            ranked = ranked_predictions(probabilities[k], self.labels, item.request.top_k or self.topk)
+            if item.explain and failure is not None:
                 answers[item.idx] = answer_error(self.context, item.idx, failure)
-            else:
-                predictions = [
-                    {"index": i, "label": self.labels[i], "probability": p}
-                    for i, p in zip(indices.tolist(), probs.tolist())
-                ]
+            elif item.explain:
                 began = time.perf_counter()
                 explanation = self._explanation(item, heatmaps[k], targets[k])
                 explanation["elapsed_ms"] = round(explain_ms + (time.perf_counter() - began) * 1000, 2)
-                logger.info("explanation method=gradcam layer=%s elapsed_ms=%s", self.layer_name, explanation["elapsed_ms"])
-                answers[item.idx] = answer(self.context, item.idx, {"predictions": predictions, "explanation": explanation})
+                self.record_explanation(explanation["elapsed_ms"], layer=self.layer_name)
+                answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
+            elif item.skipped is not None:
+                answers[item.idx] = answer(self.context, item.idx, envelope(ranked, None, item.skipped))
+            else:
+                answers[item.idx] = answer(self.context, item.idx, {label: p for _, label, p in ranked})
 
     def _explanation(self, item: Prepared, heatmap: torch.Tensor, target: int) -> dict:
         settings = self.explain_settings

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from ts.torch_handler.text_classifier import TextClassifier
 
-from explain_common import Prepared, answer, answer_error, explanation_failed, is_explain_request, log_batch
+from explain_common import ExplainerFlow, Prepared, answer, answer_error, envelope, explanation_failed, ranked_predictions
 from tsexplain.errors import ConfigError, RequestError
 from tsexplain.parsing import parse_text_request, resolve_target
 from tsexplain.settings import TextExplainSettings, TextModelSettings, load_section
@@ -26,7 +26,7 @@ from tsexplain.text_attribution import LayerIGTextExplainer, render_html
 logger = logging.getLogger(__name__)
 
 
-class TextExplainer(TextClassifier):
+class TextExplainer(ExplainerFlow, TextClassifier):
     """Text classifier handler whose ``/explanations`` route serves Layer IG."""
 
     def initialize(self, context):
@@ -37,6 +37,7 @@ class TextExplainer(TextClassifier):
         name = context.model_name
         self.model_settings = load_section(TextModelSettings, config.get("handler"), name, os.environ)
         self.explain_settings = load_section(TextExplainSettings, config.get("explain"), name, os.environ)
+        self._init_access()
         properties = context.system_properties
         gpu_id = properties.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
@@ -59,29 +60,14 @@ class TextExplainer(TextClassifier):
         self.initialized = True
         logger.info("Layer IG on %s, %d labels, max_length %d", self.explainer.layer_name, len(self.labels), self.max_length)
 
-    def handle(self, data, context):
-        start = time.perf_counter()
-        self.context = context
-        answers: list = [None] * len(data)
-        items = []
-        for idx, row in enumerate(data):
-            try:
-                items.append(self._prepare(idx, row, is_explain_request(context, idx)))
-            except RequestError as error:
-                answers[idx] = answer_error(context, idx, error)
-        if items:
-            self._answer_batch(items, answers)
-        log_batch(data, sum(item.explain for item in items))
-        context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
-        return answers
+    def _parse(self, row):
+        return parse_text_request(row, self.model_settings.max_text_chars, self.explain_settings.max_n_steps)
 
-    def _prepare(self, idx, row, explain) -> Prepared:
-        settings = self.explain_settings
-        request = parse_text_request(row, self.model_settings.max_text_chars, settings.max_n_steps)
-        if request.method not in (None, settings.method):
-            raise RequestError(f"unknown method {request.method[:32]!r}; available: ['{settings.method}']", "unknown_method")
-        target = resolve_target(request.target, self.labels)
-        return Prepared(idx, request, explain, target, request.text)
+    def _prepare(self, idx, request) -> Prepared:
+        method = self.explain_settings.method
+        if request.method not in (None, method):
+            raise RequestError(f"unknown method {request.method[:32]!r}; available: ['{method}']", "unknown_method")
+        return Prepared(idx, request, False, resolve_target(request.target, self.labels), request.text)
 
     def _predict(self, texts: list[str]) -> torch.Tensor:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
@@ -99,32 +85,32 @@ class TextExplainer(TextClassifier):
                     item.target = int(probabilities[k].argmax())
                 key = (item.request.n_steps or settings.n_steps, item.request.top_k or settings.top_k_words)
                 groups.setdefault(key, []).append(k)
-        explanations, failure, explain_ms = {}, None, 0.0
+        explanations, failure = {}, None
         began = time.perf_counter()
         try:
             for (n_steps, top_k), members in groups.items():
                 explanations.update(self._explain_group([items[k] for k in members], members, n_steps, top_k))
         except Exception as exc:  # the explanation fails alone; predictions go on
             logger.error("Layer IG failed: %s", type(exc).__name__)
+            self.count("ExplanationsFailed", sum(len(m) for m in groups.values()))
             failure = explanation_failed(exc)
         explain_ms = (time.perf_counter() - began) * 1000
 
+        top_k = self.model_settings.top_k or len(self.labels)
         for k, item in enumerate(items):
-            top_k = min(self.model_settings.top_k or len(self.labels), len(self.labels))
-            probs, indices = torch.topk(probabilities[k], top_k)
+            ranked = ranked_predictions(probabilities[k], self.labels, top_k)
             result = explanations.get(k)
-            if not item.explain:
-                body = {self.labels[i]: p for i, p in zip(indices.tolist(), probs.tolist())}
-                answers[item.idx] = answer(self.context, item.idx, body)
-            elif isinstance(result, RequestError) or failure is not None:
-                answers[item.idx] = answer_error(self.context, item.idx, result if isinstance(result, RequestError) else failure)
-            else:
-                predictions = [{"index": i, "label": self.labels[i], "probability": p}
-                               for i, p in zip(indices.tolist(), probs.tolist())]
+            if item.explain and (failure is not None or isinstance(result, RequestError)):
+                answers[item.idx] = answer_error(self.context, item.idx, result if failure is None else failure)
+            elif item.explain:
                 explanation = self._explanation(item, result)
                 explanation["elapsed_ms"] = round(explain_ms, 2)
-                logger.info("explanation method=layer_ig n_steps=%d elapsed_ms=%s", explanation["n_steps"], explanation["elapsed_ms"])
-                answers[item.idx] = answer(self.context, item.idx, {"predictions": predictions, "explanation": explanation})
+                self.record_explanation(explain_ms, n_steps=result.n_steps)
+                answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
+            elif item.skipped is not None:
+                answers[item.idx] = answer(self.context, item.idx, envelope(ranked, None, item.skipped))
+            else:
+                answers[item.idx] = answer(self.context, item.idx, {label: p for _, label, p in ranked})
 
     def _explain_group(self, group: list[Prepared], keys: list[int], n_steps: int, top_k: int) -> dict:
         """Explanations (or per-request errors) for requests sharing n_steps and top_k."""

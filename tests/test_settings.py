@@ -40,3 +40,34 @@ def test_nonsense_fails_loudly(cls, section, message):
 def test_bad_env_value_names_the_variable():
     with pytest.raises(ConfigError, match="TSEXPLAIN_TOP_K"):
         load_section(ImageModelSettings, {}, "m", {"TSEXPLAIN_TOP_K": "[unclosed"})
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"policy": "sometimes"}, "policy"),
+    ({"on_denied": "ignore"}, "on_denied"),
+    ({"priority_values": []}, "priority_values"),
+    ({"priority_header": "X Priority"}, "priority_header"),
+    ({"token_env": "A", "token_file": "/b"}, "not both"),
+    ({"max_per_batch": -1}, "max_per_batch"),
+    ({"request_overrides": ["n_steps"]}, "request_overrides"),
+    ({"enabled": "yes"}, "enabled"),
+])
+def test_access_settings_validated(section, message):
+    with pytest.raises(ConfigError, match=message):
+        load_section(ImageExplainSettings, section, "m", {})
+
+
+def test_text_settings_bounds():
+    from tsexplain.settings import TextExplainSettings
+
+    with pytest.raises(ConfigError, match="n_steps"):
+        load_section(TextExplainSettings, {"n_steps": 300, "max_n_steps": 256}, "m", {})
+    s = load_section(TextExplainSettings, {"request_overrides": ["target"]}, "m", {"TSEXPLAIN_POLICY": "priority"})
+    assert s.policy == "priority" and s.allows_override("target") and not s.allows_override("n_steps")
+
+
+def test_unquoted_off_means_off():
+    import yaml
+
+    assert load_section(ImageExplainSettings, yaml.safe_load("policy: off"), "m", {}).policy == "off"
+    assert load_section(ImageExplainSettings, {}, "m", {"TSEXPLAIN_POLICY": "off"}).policy == "off"

@@ -1,5 +1,4 @@
 """TextExplainer in process, from MARs of tiny Hugging Face models the tests make."""
-import json
 
 import numpy as np
 import pytest

@@ -12,8 +12,8 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+import http.client
+import urllib.parse
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -64,6 +64,7 @@ class TorchServe:
             "model_store": str(self.model_store),
             "load_models": ",".join(f"{name}={mar}" for name, mar in self.models.items()),
             "default_workers_per_model": "1",
+            "model_metrics_auto_detect": "true",  # keep the handlers' custom metrics
             **self.properties,
         }
         return "".join(f"{key}={value}\n" for key, value in lines.items())
@@ -115,26 +116,32 @@ class TorchServe:
 
     def request(self, method: str, url: str, data: bytes | None = None, headers: Optional[Mapping[str, str]] = None,
                 api: str = "inference", timeout: float = 60) -> tuple[int, bytes]:
-        """One HTTP call with the API's token; returns (status, body), 4xx/5xx included."""
+        """One HTTP call with the API's token; returns (status, body), 4xx/5xx included.
+
+        Header names are sent exactly as given (``http.client`` keeps their case).
+        """
         all_headers = dict(headers or {})
-        if data is not None and not any(k.lower() == "content-type" for k in all_headers):
-            all_headers["Content-Type"] = "application/octet-stream"  # not urllib's form encoding
         token = self.key(api)
-        if token and "Authorization" not in all_headers:
+        if token and not any(k.lower() == "authorization" for k in all_headers):
             all_headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(url, data=data, headers=all_headers, method=method)
+        if data is not None and not any(k.lower() == "content-type" for k in all_headers):
+            all_headers["Content-Type"] = "application/octet-stream"  # not a form encoding
+        parts = urllib.parse.urlsplit(url)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+            connection.request(method, path, body=data, headers=all_headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
 
     def _environ(self) -> dict:
-        # TorchServe keeps its pid file in the temp dir: one temp dir per instance
-        # lets several run side by side (the demo and the tests, say).
+        # TorchServe keeps its pid file (TMPDIR) and worker sockets (TEMP) in temp
+        # dirs: one per instance lets several run side by side (demo and tests).
         tmp = self.workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        return {**os.environ, "TMPDIR": str(tmp), "LOG_LOCATION": str(self.workdir / "logs"),
+        return {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(self.workdir / "logs"),
                 "METRICS_LOCATION": str(self.workdir / "logs"), **self.env}
 
     def stop(self) -> None:

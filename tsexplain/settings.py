@@ -72,6 +72,60 @@ def _is_int(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
+POLICIES = ("all", "priority", "off")
+ON_DENIED = ("predict", "reject")
+
+
+@dataclass(frozen=True)
+class ExplainAccessSettings:
+    """Who may get an explanation: the ``explain:`` keys shared by every model.
+
+    ``policy``: ``all`` | ``priority`` (only requests whose ``priority_header``
+    or JSON ``"priority"`` is one of ``priority_values``) | ``off``.
+    ``on_denied``: ``predict`` (200, prediction only) | ``reject`` (403, or 429
+    past ``max_per_batch``). ``token_env``/``token_file``: where the shared secret
+    that the ``X-Explain-Token`` header must carry is read from (unset: no token).
+    ``request_overrides``: the request fields allowed to change the defaults.
+    """
+
+    section = "explain"
+    enabled: bool = True
+    policy: str = "all"
+    priority_header: str = "X-Priority"
+    priority_values: list = field(default_factory=lambda: ["high", "audit"])
+    on_denied: str = "reject"
+    token_env: Optional[str] = None
+    token_file: Optional[str] = None
+    max_per_batch: Optional[int] = None
+    request_overrides: Optional[list] = None  # None: every override field
+
+    override_fields = ()  # the request fields a model type knows
+
+    def __post_init__(self):
+        if self.policy is False:  # YAML 1.1 reads an unquoted `off` as false
+            object.__setattr__(self, "policy", "off")
+        _check(isinstance(self.enabled, bool), "explain.enabled must be true or false")
+        _check(self.policy in POLICIES, f"explain.policy must be one of {list(POLICIES)}")
+        _check(isinstance(self.priority_header, str) and re.fullmatch(r"[A-Za-z0-9-]+", self.priority_header or ""),
+               "explain.priority_header must be an HTTP header name")
+        _check(isinstance(self.priority_values, (list, tuple)) and self.priority_values
+               and all(isinstance(v, str) and v.strip() for v in self.priority_values),
+               "explain.priority_values must be a non-empty list of strings")
+        _check(self.on_denied in ON_DENIED, f"explain.on_denied must be one of {list(ON_DENIED)}")
+        _check(not (self.token_env and self.token_file), "explain: set token_env or token_file, not both")
+        for name in ("token_env", "token_file"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value), f"explain.{name} must be a non-empty string")
+        _check(self.max_per_batch is None or _is_int(self.max_per_batch, 0, 1 << 20),
+               "explain.max_per_batch must be a non-negative int or null")
+        _check(self.request_overrides is None or (isinstance(self.request_overrides, (list, tuple))
+               and set(self.request_overrides) <= set(self.override_fields)),
+               f"explain.request_overrides must be a list drawn from {list(self.override_fields)}")
+
+    def allows_override(self, name: str) -> bool:
+        return self.request_overrides is None or name in self.request_overrides
+
+
 @dataclass(frozen=True)
 class ImageModelSettings:
     """The ``handler:`` section of an image model: how to load and preprocess.
@@ -114,15 +168,15 @@ class ImageModelSettings:
 
 
 @dataclass(frozen=True)
-class ImageExplainSettings:
-    """The ``explain:`` section of an image model.
+class ImageExplainSettings(ExplainAccessSettings):
+    """The ``explain:`` section of an image model (and the access keys above).
 
     ``target_layer``: dotted module name; ``None`` finds it automatically.
     ``heatmap_size`` and ``outputs`` are the defaults a request may override.
     ``heatmap_decimals`` rounds heatmap values in the JSON (compact responses).
     """
 
-    section = "explain"
+    override_fields = ("target", "method", "outputs", "heatmap_size", "top_k")
     target_layer: Optional[str] = None
     method: str = "gradcam"
     heatmap_size: str = "feature"
@@ -131,6 +185,7 @@ class ImageExplainSettings:
     overlay_alpha: float = 0.6
 
     def __post_init__(self):
+        super().__post_init__()
         _check(self.target_layer is None or (isinstance(self.target_layer, str) and self.target_layer),
                "explain.target_layer must be a dotted module name")
         _check(self.method == "gradcam", f"explain.method {self.method!r} is not supported; use 'gradcam'")
@@ -165,14 +220,14 @@ class TextModelSettings:
 
 
 @dataclass(frozen=True)
-class TextExplainSettings:
+class TextExplainSettings(ExplainAccessSettings):
     """The ``explain:`` section of a text model (Layer Integrated Gradients).
 
     ``layer``: dotted module name; ``None`` uses ``get_input_embeddings()``.
     ``n_steps`` is the default; a request may ask for up to ``max_n_steps``.
     """
 
-    section = "explain"
+    override_fields = ("target", "method", "n_steps", "top_k", "html")
     method: str = "layer_ig"
     layer: Optional[str] = None
     baseline: str = "pad"
@@ -184,6 +239,7 @@ class TextExplainSettings:
     html: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         _check(self.method == "layer_ig", f"explain.method {self.method!r} is not supported; use 'layer_ig'")
         _check(self.layer is None or (isinstance(self.layer, str) and self.layer), "explain.layer must be a dotted module name")
         _check(self.baseline in ("pad", "unk", "mask"), "explain.baseline must be one of ['pad', 'unk', 'mask']")
