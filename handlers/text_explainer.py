@@ -128,6 +128,7 @@ class TextExplainer(ExplainerFlow, TextClassifier):
 
     def _explanation(self, item: Prepared, result) -> dict:
         body = dataclasses.asdict(result)
+        body["integration"] = body.pop("method")  # the core's integration rule
         body["method"] = self.explain_settings.method
         body["target"] = {"index": result.target, "label": self.labels[result.target]}
         want_html = item.request.html if item.request.html is not None else self.explain_settings.html

@@ -29,6 +29,7 @@ def test_explanation_contract_and_captum_parity(handler):
     assert status == 200
     e = body["explanation"]
     assert e["method"] == "layer_ig" and e["n_steps"] == 32 and e["truncated"] is False
+    assert e["integration"] == "gausslegendre"
     assert e["target"] == {"index": 2, "label": "positive"}
     assert set(e["convergence_delta"]) == {"absolute", "relative"}
     assert all(0 <= t["start"] < t["end"] <= len(text) for t in e["tokens"])

@@ -231,7 +231,7 @@ class TextExplainSettings(ExplainAccessSettings):
     method: str = "layer_ig"
     layer: Optional[str] = None
     baseline: str = "pad"
-    n_steps: int = 32
+    n_steps: int = 50
     max_n_steps: int = 256
     integration_method: str = "gausslegendre"
     internal_batch_size: int = 64
