@@ -75,6 +75,17 @@ def test_decode_rotates_exif_and_converts_modes():
         assert decode_image(png_bytes(Image.new(mode, (8, 8)), fmt), 10_000).mode == "RGB"
 
 
+def test_sixteen_bit_is_scaled_and_animation_gives_first_frame():
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    decoded = np.asarray(decode_image(png_bytes(Image.fromarray(ramp)), 10_000))
+    np.testing.assert_allclose(decoded[..., 0].astype(float), ramp / 257.0, atol=1.0)
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    first = np.asarray(decode_image(gif.getvalue(), 10_000))
+    assert first[0, 0, 0] > 200 and first[0, 0, 1] < 50
+
+
 @pytest.mark.parametrize("data,kind", [(b"", "empty_body"), (b"not an image", "bad_image")])
 def test_decode_errors(data, kind):
     with pytest.raises(RequestError) as info:

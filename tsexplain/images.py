@@ -23,6 +23,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode image bytes to RGB, rotated as its EXIF orientation says.
 
+    16-bit images are scaled to 8 bits; animated images give their first frame.
+
     Raises ``RequestError`` for bytes that are not a complete image, and for
     images with more than ``max_pixels`` pixels (checked before decoding).
     """
@@ -46,6 +48,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except (OSError, ValueError, SyntaxError, EOFError):
         raise RequestError("the image is truncated or corrupt", "bad_image") from None
     image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit: scale, don't clip
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
 
