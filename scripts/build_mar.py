@@ -76,6 +76,7 @@ def build_image(args) -> Path:
         weights = fetch_pretrained(args.architecture, args.pretrained)
     if weights is None:
         raise SystemExit("image: give --weights FILE (a state dict) or --pretrained WEIGHTS_NAME")
+    check_weights(args.architecture, len(labels), weights)
     config = deep_merge(
         {**SERVING_DEFAULTS, "handler": {"architecture": args.architecture, "num_classes": len(labels)}, "explain": {}},
         load_user_config(args.config),
@@ -85,6 +86,18 @@ def build_image(args) -> Path:
         args.name, args.version, "image_explainer.py", extra, config_path, Path(args.export_path),
         model_file=ROOT / "handlers" / "torchvision_model.py", serialized_file=weights,
     )
+
+
+def check_weights(architecture: str, num_classes: int, weights: Path) -> None:
+    """Fail at build time, not on the server, when the weights don't fit."""
+    sys.path.insert(0, str(ROOT))
+    from tsexplain.errors import ConfigError
+    from tsexplain.models import build_torchvision_classifier
+
+    try:
+        build_torchvision_classifier(architecture, num_classes, str(weights))
+    except ConfigError as exc:
+        raise SystemExit(f"{weights}: {exc} (the labels file has {num_classes} classes)") from None
 
 
 def fetch_pretrained(architecture: str, weights_name: str) -> Path:
