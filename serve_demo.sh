@@ -18,10 +18,10 @@ The inference key is in key_file.json. Try (ready to paste):
 
 curl -s -H "Authorization: Bearer $KEY" -T build/examples/star.png http://127.0.0.1:8080/predictions/shapes
 
-curl -s -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \\
-  -d "{\"data\": \"\$(base64 -w0 build/examples/star.png)\", \"outputs\": [\"heatmap\", \"overlay_png\"]}" \\
-  http://127.0.0.1:8080/explanations/shapes | tee build/explanation.json | head -c 400; echo
-python -c "import json, base64; e = json.load(open('build/explanation.json'))['explanation']; open('build/overlay.png', 'wb').write(base64.b64decode(e['overlay_png']))"  # then open build/overlay.png
+curl -s -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" -o build/explanation.json \\
+  -d "{\\"data\\": \\"\$(base64 -w0 build/examples/star.png)\\", \\"outputs\\": [\\"heatmap\\", \\"overlay_png\\"]}" \\
+  http://127.0.0.1:8080/explanations/shapes && head -c 600 build/explanation.json; echo
+python3 -c "import json, base64; e = json.load(open('build/explanation.json'))['explanation']; open('build/overlay.png', 'wb').write(base64.b64decode(e['overlay_png']))"  # then open build/overlay.png
 
-curl -s -H "Authorization: Bearer $KEY" --data-binary @build/examples/review.txt http://127.0.0.1:8080/explanations/reviews
+curl -s -H "Authorization: Bearer $KEY" -H "Content-Type: text/plain" --data-binary @build/examples/review.txt http://127.0.0.1:8080/explanations/reviews
 MSG

@@ -89,9 +89,10 @@ class ExplainerFlow:
         s = self.explain_settings
         secret = load_secret(s.token_env, s.token_file, os.environ)
         self.gate = ExplanationGate(s.enabled, s.policy, s.priority_header, s.priority_values, s.on_denied,
-                                    s.max_per_batch, secret)
-        logger.info("explanations: policy=%s on_denied=%s token=%s max_per_batch=%s", s.policy if s.enabled else "off",
-                    s.on_denied, "required" if secret is not None else "none", s.max_per_batch)
+                                    s.max_per_batch, secret, s.routes)
+        logger.info("explanations: policy=%s on_denied=%s token=%s max_per_batch=%s routes=%s",
+                    s.policy if s.enabled else "off", s.on_denied, "required" if secret is not None else "none",
+                    s.max_per_batch, ",".join(s.routes))
 
     def handle(self, data, context):
         start = time.perf_counter()

@@ -71,3 +71,11 @@ def test_load_secret_from_env_and_file(tmp_path):
 
 def test_lower_case_headers_drops_non_string_entries():
     assert lower_case_headers({"X-Priority": "high", "body": {"content-type": "x"}}) == {"x-priority": "high"}
+
+
+def test_routes_explanations_only_needs_torchserves_route_marker():
+    strict = gate(routes=["explanations"])
+    assert strict.decide({"url_path": ""}, None, 0).allowed
+    decision = strict.decide({}, None, 0)
+    assert not decision.allowed and "/explanations only" in decision.reason
+    assert gate().decide({}, None, 0).allowed

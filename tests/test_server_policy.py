@@ -29,7 +29,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("policy")
     build_text_mar(tmp, "tiny", config={"batchSize": 8, "maxBatchDelay": 300, "explain": {"policy": "all"}})
     models = {model_name(p, d): "tiny.mar" for p, d in COMBOS}
-    models.update({"guarded": "tiny.mar", "capped": "tiny.mar"})
+    models.update({"guarded": "tiny.mar", "capped": "tiny.mar", "strict": "tiny.mar"})
     env = {"EXPLAIN_SECRET": SECRET}
     for policy, denied in COMBOS:
         prefix = f"TSEXPLAIN_{model_name(policy, denied).upper()}_"
@@ -37,7 +37,8 @@ def server(tmp_path_factory):
     env.update({"TSEXPLAIN_GUARDED_POLICY": "priority", "TSEXPLAIN_GUARDED_TOKEN_ENV": "EXPLAIN_SECRET",
                 "TSEXPLAIN_GUARDED_ON_DENIED": "predict", "TSEXPLAIN_GUARDED_PRIORITY_HEADER": "X-Tier",
                 "TSEXPLAIN_GUARDED_PRIORITY_VALUES": "[gold, audit]",
-                "TSEXPLAIN_CAPPED_MAX_PER_BATCH": "1", "TSEXPLAIN_CAPPED_ON_DENIED": "reject"})
+                "TSEXPLAIN_CAPPED_MAX_PER_BATCH": "1", "TSEXPLAIN_CAPPED_ON_DENIED": "reject",
+                "TSEXPLAIN_STRICT_ROUTES": "[explanations]"})
     with TorchServe(tmp / "store", models, tmp / "ts", env=env) as ts:
         yield ts
 
@@ -123,3 +124,14 @@ def test_metrics_and_one_log_line_per_explanation(server):
     log = server.log_text()
     assert "explanation method=layer_ig n_steps=" in log
     assert "plums" not in log
+
+
+def test_routes_explanations_only(server):
+    """With routes: [explanations], only /explanations explains: not the KServe
+    route, not a forged header on a legacy route."""
+    u = server.inference_url
+    status, body = post(server, "explanations", "strict")
+    assert status == 200 and body["explanation"] is not None
+    for url in (f"{u}/v1/models/strict:explain", f"{u}/invocations?model_name=strict", f"{u}/strict/predict"):
+        status, body = post(server, None, None, headers={"explain": "True"}, url=url)
+        assert status == 403 and body["type"] == "explanation_denied", url

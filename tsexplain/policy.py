@@ -15,6 +15,9 @@ from typing import Mapping, Optional
 from .errors import ConfigError
 
 TOKEN_HEADER = "x-explain-token"
+# TorchServe 0.12 adds this header on /predictions and /explanations only; its KServe
+# explain routes (and client headers on the legacy routes) come without it.
+EXPLANATIONS_ROUTE_MARKER = "url_path"
 
 
 @dataclass(frozen=True)
@@ -50,14 +53,15 @@ class ExplanationGate:
     """Decides, request by request, whether an explanation may be computed.
 
     Args:
-        enabled, policy, priority_header, priority_values, on_denied, max_per_batch:
+        enabled, policy, priority_header, priority_values, on_denied, max_per_batch, routes:
             the ``explain:`` settings of the same names.
         secret: the token explanations require, or ``None`` for no token.
     """
 
     def __init__(self, enabled: bool, policy: str, priority_header: str, priority_values, on_denied: str,
-                 max_per_batch: Optional[int], secret: Optional[bytes]):
+                 max_per_batch: Optional[int], secret: Optional[bytes], routes=("explanations", "kserve")):
         self.enabled = enabled and policy != "off"
+        self.kserve_routes = "kserve" in routes
         self.policy = policy
         self.priority_header = priority_header.lower()
         self.priority_values = {v.lower() for v in priority_values}
@@ -69,6 +73,8 @@ class ExplanationGate:
         """``headers``: the request's headers with lower-case names."""
         if not self.enabled:
             return Decision(False, "explanations are disabled for this model", 403)
+        if not self.kserve_routes and EXPLANATIONS_ROUTE_MARKER not in headers:
+            return Decision(False, "explanations are served on /explanations only", 403)
         if self.secret is not None:
             sent = headers.get(TOKEN_HEADER, "").encode()
             if not hmac.compare_digest(sent, self.secret):

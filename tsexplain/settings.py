@@ -86,6 +86,9 @@ class ExplainAccessSettings:
     past ``max_per_batch``). ``token_env``/``token_file``: where the shared secret
     that the ``X-Explain-Token`` header must carry is read from (unset: no token).
     ``request_overrides``: the request fields allowed to change the defaults.
+    ``routes``: ``explanations`` (``/explanations/{model}``) and ``kserve`` (the
+    KServe explain routes, and any request marked ``explain: True`` by its client
+    on the legacy routes, which TorchServe cannot tell apart).
     """
 
     section = "explain"
@@ -98,6 +101,7 @@ class ExplainAccessSettings:
     token_file: Optional[str] = None
     max_per_batch: Optional[int] = None
     request_overrides: Optional[list] = None  # None: every override field
+    routes: list = field(default_factory=lambda: ["explanations", "kserve"])
 
     override_fields = ()  # the request fields a model type knows
 
@@ -118,6 +122,9 @@ class ExplainAccessSettings:
             _check(value is None or (isinstance(value, str) and value), f"explain.{name} must be a non-empty string")
         _check(self.max_per_batch is None or _is_int(self.max_per_batch, 0, 1 << 20),
                "explain.max_per_batch must be a non-negative int or null")
+        _check(isinstance(self.routes, (list, tuple)) and "explanations" in self.routes
+               and set(self.routes) <= {"explanations", "kserve"},
+               "explain.routes must be [explanations] or [explanations, kserve]")
         _check(self.request_overrides is None or (isinstance(self.request_overrides, (list, tuple))
                and set(self.request_overrides) <= set(self.override_fields)),
                f"explain.request_overrides must be a list drawn from {list(self.override_fields)}")
