@@ -19,8 +19,10 @@ fi
 stamp=".venv/.installed-$(sha256sum setup.cfg | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing pinned dependencies (torch 2.14.1, torchvision 0.29.1, torchserve 0.12.0, ...)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test]"
+  log=.venv/pip-install.log
+  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[test]"; } >"$log" 2>&1; then
+    tail -40 "$log" >&2; echo "error: installing the dependencies failed (full log: $log)" >&2; exit 1
+  fi
   rm -f .venv/.installed-* && touch "$stamp"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
