@@ -105,14 +105,13 @@ class TorchServe:
         return entry.get("key")
 
     def model_ready(self, name: str) -> bool:
+        """True once ``name`` has a READY worker; any other answer means not yet."""
         try:
             status, body = self.request("GET", f"{self.management_url}/models/{name}", api="management")
-        except OSError:
+            workers = json.loads(body)[0]["workers"] if status == 200 else []
+        except (OSError, ValueError, LookupError, TypeError):
             return False
-        if status != 200:
-            return False
-        workers = json.loads(body)[0].get("workers", [])
-        return any(w.get("status") == "READY" for w in workers)
+        return any(isinstance(w, dict) and w.get("status") == "READY" for w in workers)
 
     def request(self, method: str, url: str, data: bytes | None = None, headers: Optional[Mapping[str, str]] = None,
                 api: str = "inference", timeout: float = 60) -> tuple[int, bytes]:
