@@ -124,6 +124,14 @@ class ExplainerFlow:
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
         return answers
 
+    def inject_fault(self) -> None:
+        """Raise the failure ``explain.inject_fault`` asks for (tests of failure isolation)."""
+        fault = self.explain_settings.inject_fault
+        if fault == "oom":
+            raise RuntimeError("CUDA out of memory (injected by explain.inject_fault)")
+        if fault == "error":
+            raise RuntimeError("failure injected by explain.inject_fault")
+
     def _check_overrides(self, request) -> None:
         settings = self.explain_settings
         for name in settings.override_fields:

@@ -82,6 +82,7 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         if explained:
             began = time.perf_counter()
             try:
+                self.inject_fault()
                 out = self.gradcam.attribute(batch, [items[k].target for k in explained], explained)
                 logits = out.logits
                 heatmaps = dict(zip(explained, out.heatmaps))

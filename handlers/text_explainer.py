@@ -88,6 +88,8 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         explanations, failure = {}, None
         began = time.perf_counter()
         try:
+            if groups:
+                self.inject_fault()
             for (n_steps, top_k), members in groups.items():
                 explanations.update(self._explain_group([items[k] for k in members], members, n_steps, top_k))
         except Exception as exc:  # the explanation fails alone; predictions go on

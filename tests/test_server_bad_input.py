@@ -43,13 +43,15 @@ def server(tmp_path_factory):
     build_image_mar(tmp, "pets", config=config)
     build_text_mar(tmp, "notes", config={"batchSize": 8, "maxBatchDelay": 50, "explain": {"max_n_steps": 64}})
     properties = {"max_request_size": str(MAX_REQUEST_BYTES), "max_response_size": str(MAX_REQUEST_BYTES)}
-    with TorchServe(tmp / "store", {"pets": "pets.mar", "notes": "notes.mar"}, tmp / "ts", properties=properties) as ts:
+    models = {"pets": "pets.mar", "notes": "notes.mar", "oom": "notes.mar", "broken": "pets.mar"}
+    env = {"TSEXPLAIN_OOM_INJECT_FAULT": "oom", "TSEXPLAIN_BROKEN_INJECT_FAULT": "error"}
+    with TorchServe(tmp / "store", models, tmp / "ts", properties=properties, env=env) as ts:
         yield ts
 
 
 def worker_pids(server):
     pids = {}
-    for model in ("pets", "notes"):
+    for model in ("pets", "notes", "oom", "broken"):
         _, raw = server.request("GET", f"{server.management_url}/models/{model}", api="management")
         pids[model] = [w["pid"] for w in json.loads(raw)[0]["workers"]]
     return pids
@@ -133,3 +135,29 @@ def test_request_over_max_request_size(server):
     assert status == 413
     status, _ = server.request("POST", f"{server.inference_url}/predictions/pets", png(good_image()))
     assert status == 200
+
+
+@pytest.mark.parametrize("model,body,status,kind", [
+    ("oom", b"fine", 507, "out_of_memory"),
+    ("broken", png(good_image()), 503, "explanation_failed"),
+])
+def test_injected_explanation_faults_fail_alone(server, model, body, status, kind):
+    """A failing explanation answers 503/507 JSON; predictions in the same batches
+    still succeed and the worker is not restarted."""
+    before = worker_pids(server)
+    headers = {"Content-Type": "text/plain"} if model == "oom" else {}
+    jobs = [("explanations", body), ("predictions", body)] * 4
+
+    def run(job):
+        route, data = job
+        return route, server.request("POST", f"{server.inference_url}/{route}/{model}", data, headers)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(run, jobs))
+    for route, (got, raw) in results:
+        answer = json.loads(raw)
+        if route == "explanations":
+            assert got == status and answer["type"] == kind and "Traceback" not in raw.decode()
+        else:
+            assert got == 200 and answer
+    assert worker_pids(server) == before

@@ -102,6 +102,7 @@ class ExplainAccessSettings:
     max_per_batch: Optional[int] = None
     request_overrides: Optional[list] = None  # None: every override field
     routes: list = field(default_factory=lambda: ["explanations", "kserve"])
+    inject_fault: Optional[str] = None  # tests only: "error" or "oom" makes every explanation fail
 
     override_fields = ()  # the request fields a model type knows
 
@@ -125,6 +126,7 @@ class ExplainAccessSettings:
         _check(isinstance(self.routes, (list, tuple)) and "explanations" in self.routes
                and set(self.routes) <= {"explanations", "kserve"},
                "explain.routes must be [explanations] or [explanations, kserve]")
+        _check(self.inject_fault in (None, "error", "oom"), "explain.inject_fault must be null, error or oom")
         _check(self.request_overrides is None or (isinstance(self.request_overrides, (list, tuple))
                and set(self.request_overrides) <= set(self.override_fields)),
                f"explain.request_overrides must be a list drawn from {list(self.override_fields)}")
