@@ -124,6 +124,13 @@ class ExplainerFlow:
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
         return answers
 
+    def answer_prediction(self, item: Prepared, ranked) -> str:
+        """The answer of a request that gets no explanation: the stock ``{label: p}``
+        body, or the explanation envelope with ``null`` when one was asked for and denied."""
+        if item.skipped is not None:
+            return answer(self.context, item.idx, envelope(ranked, None, item.skipped))
+        return answer(self.context, item.idx, {label: p for _, label, p in ranked})
+
     def inject_fault(self) -> None:
         """Raise the failure ``explain.inject_fault`` asks for (tests of failure isolation)."""
         fault = self.explain_settings.inject_fault

@@ -107,10 +107,8 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
                 explanation["elapsed_ms"] = round(explain_ms + (time.perf_counter() - began) * 1000, 2)
                 self.record_explanation(explanation["elapsed_ms"], layer=self.layer_name)
                 answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
-            elif item.skipped is not None:
-                answers[item.idx] = answer(self.context, item.idx, envelope(ranked, None, item.skipped))
             else:
-                answers[item.idx] = answer(self.context, item.idx, {label: p for _, label, p in ranked})
+                answers[item.idx] = self.answer_prediction(item, ranked)
 
     def _explanation(self, item: Prepared, heatmap: torch.Tensor, target: int) -> dict:
         settings = self.explain_settings

@@ -109,10 +109,8 @@ class TextExplainer(ExplainerFlow, TextClassifier):
                 explanation["elapsed_ms"] = round(explain_ms, 2)
                 self.record_explanation(explain_ms, n_steps=result.n_steps)
                 answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
-            elif item.skipped is not None:
-                answers[item.idx] = answer(self.context, item.idx, envelope(ranked, None, item.skipped))
             else:
-                answers[item.idx] = answer(self.context, item.idx, {label: p for _, label, p in ranked})
+                answers[item.idx] = self.answer_prediction(item, ranked)
 
     def _explain_group(self, group: list[Prepared], keys: list[int], n_steps: int, top_k: int) -> dict:
         """Explanations (or per-request errors) for requests sharing n_steps and top_k."""
