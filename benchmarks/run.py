@@ -1,0 +1,381 @@
+"""Benchmarks of the explainer handlers against TorchServe's stock handlers, through a real TorchServe.
+
+For each model, one TorchServe on loopback serves our handler and the stock one on the same weights
+(see benchmarks/models.py), and the client drives, each scenario bounded by a request count and a
+wall-time limit:
+
+- ``sequential``: one client, batch size 1, /predictions and /explanations of both handlers,
+  interleaved request by request (so that background load hits all four alike): p50/p90/p99 latency
+  and response bytes;
+- ``throughput``: several client threads sending /predictions to the batching variants, stock and
+  ours in ABBA order: requests per second;
+- ``under_load``: several client threads on our batching variant, prediction-only against 10% of the
+  requests explained (priority header and explanation token; ``policy: priority``): /predictions
+  p50/p99 in both, and every /predictions answer compared with the same input's answer alone (labels
+  in the same order; probabilities within a tolerance set from the prediction-only phase's own
+  batching noise).
+
+Writes ``results.json``, ``results.md`` (the tables of docs/performance.md) and ``results.png``.
+The device is TorchServe's: its GPU when the machine has one, else the CPU.
+
+    python -m benchmarks.run [--quick] [--models shapes,reviews,resnet50,bert-base] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks import models as bench_models
+from benchmarks import report
+from tsexplain.launcher import TorchServe, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPLAIN_TOKEN = "bench-explain-token"
+EXPLAIN_HEADERS = {"X-Priority": "high", "X-Explain-Token": EXPLAIN_TOKEN}
+EXPLAINED_SHARE = 10  # every 10th request of the mixed load is explained
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bounds of one measurement: at most ``requests`` requests and ``seconds`` of wall time."""
+
+    requests: int
+    seconds: float
+
+    def scaled(self, factor: float) -> "Budget":
+        return Budget(max(1, int(self.requests * factor)), self.seconds)
+
+
+@dataclass(frozen=True)
+class Plan:
+    warmup: int
+    predict: Budget  # sequential /predictions, each handler
+    explain: Budget  # sequential /explanations, ours
+    stock_explain: Budget  # sequential /explanations, stock
+    throughput: Budget  # concurrent /predictions, each handler (split in two halves)
+    load: Budget  # concurrent load, each phase (split in two halves)
+    threads: int
+
+
+# Small enough for ~15 minutes on 2 CPU cores for all four models (quick: a smoke test).
+PLANS = {
+    "quick": {"small": Plan(2, Budget(6, 20), Budget(6, 20), Budget(2, 30), Budget(16, 20), Budget(20, 30), 4)},
+    "cpu": {"small": Plan(5, Budget(100, 30), Budget(100, 30), Budget(20, 30), Budget(200, 20), Budget(300, 30), 8),
+            "resnet50": Plan(3, Budget(25, 30), Budget(25, 30), Budget(3, 60), Budget(48, 25), Budget(60, 40), 8),
+            "bert-base": Plan(2, Budget(20, 30), Budget(3, 60), Budget(3, 60), Budget(48, 25), Budget(40, 40), 8)},
+    # Fits the device tool's 10-minute command limit for resnet50 and bert-base together.
+    "gpu": {"small": Plan(20, Budget(300, 15), Budget(300, 15), Budget(50, 25), Budget(2000, 15), Budget(2000, 20), 16),
+            "resnet50": Plan(20, Budget(300, 15), Budget(300, 15), Budget(30, 25), Budget(2000, 15), Budget(2000, 20), 16),
+            "bert-base": Plan(10, Budget(300, 15), Budget(100, 15), Budget(30, 25), Budget(2000, 15), Budget(1000, 20), 16)}}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def summary(latencies: list[float], sizes: list[int], errors: int = 0) -> dict:
+    return {"n": len(latencies), "errors": errors,
+            "p50_ms": round(percentile(latencies, 50), 3), "p90_ms": round(percentile(latencies, 90), 3),
+            "p99_ms": round(percentile(latencies, 99), 3),
+            "mean_ms": round(statistics.fmean(latencies), 3) if latencies else float("nan"),
+            "bytes_mean": round(statistics.fmean(sizes)) if sizes else 0, "bytes_max": max(sizes, default=0)}
+
+
+class Client:
+    """Timed calls through ``TorchServe.request`` (http.client, exact headers, inference token)."""
+
+    def __init__(self, ts: TorchServe, model: bench_models.Model):
+        self.ts, self.model = ts, model
+
+    def call(self, variant: str, route: str, i: int, stock: bool) -> tuple[int, bytes, float]:
+        explain = route == "explanations"
+        body, content_type = self.model.body(i, stock, explain)
+        headers = {"Content-Type": content_type, **(EXPLAIN_HEADERS if explain and not stock else {})}
+        began = time.perf_counter()
+        status, answer = self.ts.request("POST", f"{self.ts.inference_url}/{route}/{variant}", body, headers,
+                                         timeout=600)
+        return status, answer, (time.perf_counter() - began) * 1000
+
+
+def relative_delta(body: bytes) -> float | None:
+    try:
+        return json.loads(body)["explanation"]["convergence_delta"]["relative"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def sequential(client: Client, plan: Plan) -> dict:
+    """Batch-1 latency and response size of both handlers' two routes, interleaved."""
+    name = client.model.name
+    combos = {"ours/predictions": (name, "predictions", False, plan.predict),
+              "stock/predictions": (f"{name}_stock", "predictions", True, plan.predict),
+              "ours/explanations": (name, "explanations", False, plan.explain),
+              "stock/explanations": (f"{name}_stock", "explanations", True, plan.stock_explain)}
+    for variant, route, stock, _ in combos.values():
+        for i in range(plan.warmup if route == "predictions" or not stock else 1):
+            client.call(variant, route, i, stock)
+    records = {key: {"lat": [], "size": [], "errors": 0, "spent": 0.0} for key in combos}
+    deltas: list[float] = []
+    i = 0
+    while True:
+        active = [k for k, (_, _, _, budget) in combos.items()
+                  if len(records[k]["lat"]) + records[k]["errors"] < budget.requests
+                  and records[k]["spent"] < budget.seconds]
+        if not active:
+            break
+        for key in active:
+            variant, route, stock, _ = combos[key]
+            status, body, ms = client.call(variant, route, i, stock)
+            rec = records[key]
+            rec["spent"] += ms / 1000
+            if status != 200:
+                rec["errors"] += 1
+                continue
+            rec["lat"].append(ms)
+            rec["size"].append(len(body))
+            if key == "ours/explanations" and client.model.kind == "text":
+                delta = relative_delta(body)
+                if delta is not None:
+                    deltas.append(delta)
+        i += 1
+    out = {key: summary(r["lat"], r["size"], r["errors"]) for key, r in records.items()}
+    if deltas:
+        out["convergence"] = {"n": len(deltas), "share_le_0.05": round(sum(d <= 0.05 for d in deltas) / len(deltas), 4),
+                              "median_relative_delta": statistics.median(deltas), "max_relative_delta": max(deltas)}
+    return out
+
+
+def concurrent(job, threads: int, budget: Budget) -> tuple[list, float]:
+    """Run ``job(i)`` from ``threads`` threads for indices 0.. until ``budget`` is spent.
+
+    Returns the job results (in completion order) and the wall time in seconds.
+    """
+    lock, results, counter = threading.Lock(), [], iter(range(budget.requests))
+    deadline = time.monotonic() + budget.seconds
+
+    def worker():
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            result = job(i)
+            with lock:
+                results.append(result)
+
+    began = time.perf_counter()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return results, time.perf_counter() - began
+
+
+def throughput(client: Client, plan: Plan) -> dict:
+    """Concurrent /predictions, stock and ours in ABBA order on the batching variants."""
+    name, half = client.model.name, plan.throughput.scaled(0.5)
+    totals = {"stock": [0, 0.0, 0], "ours": [0, 0.0, 0]}  # ok, seconds, errors
+    for side in ("stock", "ours", "ours", "stock"):
+        variant, stock = (f"{name}_stock_b8", True) if side == "stock" else (f"{name}_b8", False)
+        for i in range(plan.warmup):
+            client.call(variant, "predictions", i, stock)
+        results, wall = concurrent(lambda i: client.call(variant, "predictions", i, stock)[0], plan.threads, half)
+        totals[side][0] += sum(status == 200 for status in results)
+        totals[side][1] += wall
+        totals[side][2] += sum(status != 200 for status in results)
+    out = {side: {"requests": ok, "seconds": round(sec, 3), "errors": err, "rps": round(ok / sec, 3) if sec else 0.0}
+           for side, (ok, sec, err) in totals.items()}
+    out["threads"] = plan.threads
+    out["ratio_ours_vs_stock"] = round(out["ours"]["rps"] / out["stock"]["rps"], 4) if out["stock"]["rps"] else None
+    return out
+
+
+def prediction_difference(answer: dict, reference: dict) -> tuple[bool, float]:
+    """(same labels in the same order, largest probability difference)."""
+    if list(answer) != list(reference):
+        return False, float("inf")
+    return True, max(abs(answer[k] - reference[k]) for k in reference)
+
+
+def under_load(client: Client, plan: Plan) -> dict:
+    """/predictions under prediction-only load and with 10% of the requests explained (ours)."""
+    variant = f"{client.model.name}_b8"
+    references = {}
+    for i in range(len(client.model.inputs)):  # each input alone (a batch of one)
+        status, body, _ = client.call(variant, "predictions", i, False)
+        references[i] = json.loads(body)
+
+    def job(mixed):
+        def run(i):
+            route = "explanations" if mixed and i % EXPLAINED_SHARE == EXPLAINED_SHARE - 1 else "predictions"
+            status, body, ms = client.call(variant, route, i, False)
+            return route, i, status, body, ms
+        return run
+
+    phases = {"predictions_only": {"lat": [], "diff": [], "labels_differ": 0, "errors": 0, "explained": [],
+                                   "not_explained": 0},
+              "with_explanations": {"lat": [], "diff": [], "labels_differ": 0, "errors": 0, "explained": [],
+                                    "not_explained": 0}}
+    half = plan.load.scaled(0.5)
+    for phase in ("predictions_only", "with_explanations", "with_explanations", "predictions_only"):
+        results, _ = concurrent(job(phase == "with_explanations"), plan.threads, half)
+        rec = phases[phase]
+        for route, i, status, body, ms in results:
+            if status != 200:
+                rec["errors"] += 1
+            elif route == "explanations":
+                rec["explained"].append(ms)
+                rec["not_explained"] += json.loads(body).get("explanation") is None
+            else:
+                rec["lat"].append(ms)
+                same, diff = prediction_difference(json.loads(body), references[i % len(client.model.inputs)])
+                rec["labels_differ"] += not same
+                rec["diff"].append(diff if same else 0.0)
+    out = {}
+    for phase, rec in phases.items():
+        out[phase] = {**summary(rec["lat"], [], rec["errors"]), "labels_differ": rec["labels_differ"],
+                      "max_probability_difference": max(rec["diff"], default=0.0)}
+        if phase == "with_explanations":
+            out[phase]["explained"] = summary(rec["explained"], [])
+            out[phase]["explanations_not_computed"] = rec["not_explained"]
+    noise = out["predictions_only"]["max_probability_difference"]
+    tolerance = max(2 * noise, 1e-6)
+    mixed = out["with_explanations"]
+    out["threads"] = plan.threads
+    out["tolerance"] = tolerance
+    out["answers_unchanged"] = (mixed["labels_differ"] == 0 and out["predictions_only"]["labels_differ"] == 0
+                                and mixed["max_probability_difference"] <= tolerance and mixed["errors"] == 0)
+    base = out["predictions_only"]
+    out["ratio_p99"] = round(mixed["p99_ms"] / base["p99_ms"], 4) if base["p99_ms"] else None
+    out["ratio_p50"] = round(mixed["p50_ms"] / base["p50_ms"], 4) if base["p50_ms"] else None
+    return out
+
+
+def targets(model: bench_models.Model, result: dict) -> list[dict]:
+    """The targets of issues #4 and #5, measured."""
+    seq, rows = result["sequential"], []
+
+    def row(target, value, threshold, comparison, note=""):
+        ok = value is not None and (value <= threshold if comparison == "<=" else value >= threshold)
+        rows.append({"model": model.name, "target": target, "value": value, "threshold": threshold,
+                     "comparison": comparison, "met": bool(ok), "note": note})
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    ours_pred, ours_expl = seq["ours/predictions"]["p50_ms"], seq["ours/explanations"]["p50_ms"]
+    if model.kind == "image":
+        row("Grad-CAM /explanations p50 ÷ /predictions p50 (ours, batch 1)", ratio(ours_expl, ours_pred), 1.2, "<=")
+        row("stock /explanations p50 ÷ ours (batch 1)", ratio(seq["stock/explanations"]["p50_ms"], ours_expl), 10, ">=")
+        row("explanation response bytes, no overlay (max)", seq["ours/explanations"]["bytes_max"], 20_000, "<=")
+    else:
+        row("LIG /explanations p50 ÷ /predictions p50 (ours, batch 1)", ratio(ours_expl, ours_pred), 4, "<=",
+            f"{model.tokens} tokens")
+        conv = seq.get("convergence", {})
+        row("share of explanations with relative convergence delta ≤ 0.05", conv.get("share_le_0.05"), 0.95, ">=",
+            f"{conv.get('n', 0)} explanations")
+    tp = result["throughput"]
+    row("/predictions throughput, ours ÷ stock (concurrent, batching)", tp["ratio_ours_vs_stock"], 0.97, ">=",
+        f"{tp['threads']} client threads")
+    load = result["under_load"]
+    row("/predictions p99 with 10% explained ÷ prediction-only p99", load["ratio_p99"], 1.5, "<=",
+        f"{load['threads']} client threads")
+    rows.append({"model": model.name, "target": "/predictions answers unchanged beside explanations (labels equal, "
+                 "probabilities within tolerance)", "value": load["with_explanations"]["max_probability_difference"],
+                 "threshold": load["tolerance"], "comparison": "<=", "met": bool(load["answers_unchanged"]),
+                 "note": f"labels differ: {load['with_explanations']['labels_differ']}"})
+    return rows
+
+
+def environment(profile: str) -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    import importlib.metadata as md
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "profile": profile, "device": f"cuda ({gpu})" if gpu else "cpu", "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
+            "torchserve": md.version("torchserve"), "captum": md.version("captum"),
+            "transformers": md.version("transformers")}
+
+
+def run_model(name: str, profile: str, work: Path) -> dict:
+    plans = PLANS[profile]
+    plan = plans.get(name, plans["small"])
+    store = work / "store"
+    began = time.perf_counter()
+    model = bench_models.BUILDERS[name](store, n_inputs=8)
+    print(f"[bench] {name}: staged in {time.perf_counter() - began:.0f}s", flush=True)
+    env = {bench_models.EXPLAIN_TOKEN_ENV: EXPLAIN_TOKEN}
+    properties = {"max_response_size": str(64 << 20), "max_request_size": str(64 << 20),
+                  "default_response_timeout": "600",
+                  # gRPC's default ports 7070/7071 may be taken by another TorchServe: free ones
+                  "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
+    began = time.perf_counter()
+    with TorchServe(store, model.variants(), work / f"ts-{name}", properties=properties, env=env) as ts:
+        print(f"[bench] {name}: TorchServe ready in {time.perf_counter() - began:.0f}s", flush=True)
+        client = Client(ts, model)
+        result = {"description": model.description, "kind": model.kind, "plan": plan.__dict__ | {
+            k: v.__dict__ for k, v in plan.__dict__.items() if isinstance(v, Budget)}}
+        for scenario, function in (("sequential", sequential), ("throughput", throughput), ("under_load", under_load)):
+            began = time.perf_counter()
+            result[scenario] = function(client, plan)
+            print(f"[bench] {name}: {scenario} in {time.perf_counter() - began:.0f}s", flush=True)
+    result["targets"] = targets(model, result)
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few requests per scenario (smoke test)")
+    parser.add_argument("--profile", choices=sorted(PLANS), help="request budgets (default: gpu with CUDA, else cpu)")
+    parser.add_argument("--models", default=None, help="comma-separated: shapes,reviews,resnet50,bert-base "
+                        "(default: all; --quick: shapes,reviews)")
+    parser.add_argument("--out", default=str(ROOT / "build" / "bench"), help="where results.* go")
+    parser.add_argument("--workdir", default=None, help="model store and TorchServe dirs (default: a temp dir)")
+    args = parser.parse_args(argv)
+    import torch
+
+    profile = "quick" if args.quick else args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
+    names = (args.models or ("shapes,reviews" if args.quick else ",".join(bench_models.BUILDERS))).split(",")
+    unknown = set(names) - set(bench_models.BUILDERS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; known: {list(bench_models.BUILDERS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tsexplain-bench-"))
+    results = {"environment": environment(profile), "models": {}}
+    began = time.perf_counter()
+    for name in names:
+        results["models"][name] = run_model(name, profile, work)
+    results["environment"]["seconds"] = round(time.perf_counter() - began, 1)
+    results["targets"] = [row for r in results["models"].values() for row in r["targets"]]
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(report.markdown(results))
+    try:
+        report.chart(results, out / "results.png")
+    except ImportError:  # a GPU machine without matplotlib: draw it later with python -m benchmarks.report
+        print("[bench] matplotlib missing: no results.png (python -m benchmarks.report results.json draws it)")
+    print(f"[bench] wrote {out / 'results.json'}, results.md, results.png in {results['environment']['seconds']}s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

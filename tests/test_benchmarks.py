@@ -1,0 +1,81 @@
+"""The benchmark harness in --quick mode on the demo models: outputs exist and hold sane values.
+
+Checks structure and values that do not depend on timing (no latency thresholds: speed is
+reported by the benchmark, not asserted by tests).
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    from benchmarks import run
+
+    demo = ROOT / "build" / "demo"
+    if not (demo / "shapes" / "weights.pt").exists() or not (demo / "reviews" / "config.json").exists():
+        pytest.fail("the demo models are not trained: run ./run_tests.sh, which trains them first")
+    out = tmp_path_factory.mktemp("bench")
+    results = run.main(["--quick", "--out", str(out), "--workdir", str(out / "work")])
+    return out, results
+
+
+def test_outputs_written(quick):
+    out, results = quick
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    with Image.open(out / "results.png") as chart:
+        assert chart.format == "PNG" and chart.width >= 800 and chart.height >= 300
+    text = (out / "results.md").read_text()
+    for heading in ("**Targets**", "**Sequential, batch 1**", "**Concurrent /predictions throughput**",
+                    "**/predictions under load, ours**", "**LIG convergence**"):
+        assert heading in text
+    assert "| shapes |" in text and "| reviews |" in text
+
+
+def test_every_scenario_measured_without_errors(quick):
+    _, results = quick
+    assert set(results["models"]) == {"shapes", "reviews"}
+    assert results["environment"]["device"] in ("cpu",) or results["environment"]["device"].startswith("cuda")
+    for model in results["models"].values():
+        for key in ("stock/predictions", "ours/predictions", "stock/explanations", "ours/explanations"):
+            s = model["sequential"][key]
+            assert s["n"] >= 1 and s["errors"] == 0
+            assert 0 < s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] and s["bytes_max"] > 0
+        tp = model["throughput"]
+        assert tp["stock"]["errors"] == 0 and tp["ours"]["errors"] == 0
+        assert tp["stock"]["rps"] > 0 and tp["ours"]["rps"] > 0
+        load = model["under_load"]
+        mixed = load["with_explanations"]
+        assert load["predictions_only"]["n"] >= 1 and mixed["n"] >= 1 and mixed["explained"]["n"] >= 1
+        assert mixed["errors"] == 0 and mixed["explanations_not_computed"] == 0
+
+
+def test_answers_and_sizes(quick):
+    _, results = quick
+    shapes, reviews = results["models"]["shapes"], results["models"]["reviews"]
+    # Grad-CAM answers are small; the stock IG answer is the full input-sized attribution.
+    assert shapes["sequential"]["ours/explanations"]["bytes_max"] <= 20_000
+    assert shapes["sequential"]["stock/explanations"]["bytes_mean"] > 64 * 64 * 3 * 5
+    conv = reviews["sequential"]["convergence"]
+    assert conv["n"] >= 1 and 0 <= conv["share_le_0.05"] <= 1 and conv["median_relative_delta"] >= 0
+    for model in (shapes, reviews):  # predictions beside explanations: same labels, in the same order
+        assert model["under_load"]["with_explanations"]["labels_differ"] == 0
+        assert model["under_load"]["answers_unchanged"] is True
+
+
+def test_targets_rows(quick):
+    _, results = quick
+    rows = results["targets"]
+    assert {r["model"] for r in rows} == {"shapes", "reviews"}
+    assert len([r for r in rows if r["model"] == "shapes"]) == 6
+    assert len([r for r in rows if r["model"] == "reviews"]) == 5
+    for r in rows:
+        assert isinstance(r["met"], bool) and r["comparison"] in ("<=", ">=") and r["value"] is not None
+        assert r["met"] == (r["value"] <= r["threshold"] if r["comparison"] == "<=" else r["value"] >= r["threshold"])
