@@ -20,7 +20,9 @@ def _fmt(value, digits=3) -> str:
         return "yes" if value else "no"
     if isinstance(value, int):
         return f"{value:,}"
-    if isinstance(value, float) and (abs(value) >= 1e4 or (value and abs(value) < 1e-3)):
+    if isinstance(value, float) and abs(value) >= 100:
+        return f"{value:,.0f}"
+    if isinstance(value, float) and value and abs(value) < 1e-3:
         return f"{value:.2e}"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
@@ -101,12 +103,13 @@ def chart(results: dict, path: Path) -> None:
         xs = [i + (j - 0.5) * 0.35 for i in range(len(names))]
         axes[1].bar(xs, [models[n]["throughput"][side]["rps"] for n in names], 0.35, label=f"{side}/predictions",
                     color=colours[j])
-    titles = ["p50 latency, batch 1 (ms, log)", "/predictions throughput, concurrent (req/s)", "response size (bytes, log)"]
+    titles = ["p50 latency, batch 1 (ms, log)", "/predictions throughput, concurrent (req/s, log)", "response size (bytes, log)"]
     for ax, title in zip(axes, titles):
         ax.set_xticks(range(len(names)), names)
         ax.set_title(title)
         ax.legend(fontsize=8)
     axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
     axes[2].set_yscale("log")
     env = results["environment"]
     fig.suptitle(f"torchserve-explain vs stock handlers: {env['device']}, {env['date']}")
