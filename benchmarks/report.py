@@ -37,7 +37,10 @@ def markdown(results: dict) -> str:
     env = results["environment"]
     parts = [f"Measured {env['date']} on {env['device']}, {env['cpu_count']} CPU cores ({env['machine']}); "
              f"profile `{env['profile']}`; torch {env['torch']}, TorchServe {env['torchserve']}, captum "
-             f"{env['captum']}, transformers {env['transformers']}; {env.get('seconds', '?')} s in all.\n"]
+             f"{env['captum']}, transformers {env['transformers']}; {env.get('seconds', '?')} s in all"
+             + (f"; 1-minute load average {env['load_average_1min_at_start']} at the start, "
+                f"{env.get('load_average_1min_at_end', '?')} at the end" if "load_average_1min_at_start" in env else "")
+             + ".\n"]
     parts.append("\n**Targets**\n\n" + _table(
         ["model", "target", "measured", "target value", "met"],
         [[t["model"], t["target"] + (f" ({t['note']})" if t.get("note") else ""), t["value"],

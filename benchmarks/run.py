@@ -313,7 +313,8 @@ def environment(profile: str) -> dict:
             "profile": profile, "device": f"cuda ({gpu})" if gpu else "cpu", "cpu_count": os.cpu_count(),
             "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
             "torchserve": md.version("torchserve"), "captum": md.version("captum"),
-            "transformers": md.version("transformers")}
+            "transformers": md.version("transformers"),
+            "load_average_1min_at_start": round(os.getloadavg()[0], 2)}  # other jobs on the machine
 
 
 def run_model(name: str, profile: str, work: Path) -> dict:
@@ -366,6 +367,7 @@ def main(argv=None) -> dict:
     for name in names:
         results["models"][name] = run_model(name, profile, work)
     results["environment"]["seconds"] = round(time.perf_counter() - began, 1)
+    results["environment"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     results["targets"] = [row for r in results["models"].values() for row in r["targets"]]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(report.markdown(results))
