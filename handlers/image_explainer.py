@@ -54,6 +54,7 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         if len(shape) != 4:
             raise ConfigError(f"target layer {self.layer_name!r} outputs shape {shape}, not [N, C, h, w]")
         self.gradcam = GradCAM(self.model, layer)
+        self._init_cache(context)
         logger.info("Grad-CAM on %s: %dx%d cells for %dx%d input", self.layer_name, shape[2], shape[3], height, width)
 
     def _load_pickled_model(self, model_dir, model_file, model_pt_path):
@@ -78,37 +79,64 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         batch = torch.stack([item.inputs for item in items]).to(self.device)
         explained = [k for k, item in enumerate(items) if item.explain]
         heatmaps, targets, failure = {}, {}, None
-        explain_ms = 0.0
-        if explained:
+        hits, cache_keys, logits = {}, {}, None
+        explain_ms = lookup_ms = 0.0
+        if explained and self.cache.enabled:
+            began = time.perf_counter()
+            if any(items[k].target is None for k in explained):
+                logits = self.inference(batch)  # the predicted class is part of the cache key
+            for k in explained:
+                item = items[k]
+                targets[k] = item.target if item.target is not None else int(logits[k].argmax())
+                cache_keys[k] = self.explanation_key(item.request.image, "gradcam", targets[k], self._output_params(item))
+                found = self.cached_explanation(cache_keys[k])
+                if found is not None:
+                    hits[k] = found
+            lookup_ms = (time.perf_counter() - began) * 1000
+        misses = [k for k in explained if k not in hits]
+        if misses:
             began = time.perf_counter()
             try:
                 self.inject_fault()
-                out = self.gradcam.attribute(batch, [items[k].target for k in explained], explained)
-                logits = out.logits
-                heatmaps = dict(zip(explained, out.heatmaps))
-                targets = dict(zip(explained, out.targets))
+                out = self.gradcam.attribute(batch, [targets.get(k, items[k].target) for k in misses], misses)
+                logits = out.logits if logits is None else logits
+                heatmaps = dict(zip(misses, out.heatmaps))
+                targets.update(zip(misses, out.targets))
             except Exception as exc:  # the explanation fails alone; predictions go on
                 logger.error("Grad-CAM failed: %s", type(exc).__name__)
-                self.count("ExplanationsFailed", len(explained))
+                self.count("ExplanationsFailed", len(misses))
                 failure = explanation_failed(exc)
-                logits = self.inference(batch)
             explain_ms = (time.perf_counter() - began) * 1000
-        else:
+        if logits is None:
             logits = self.inference(batch)
         probabilities = F.softmax(logits.float(), dim=1).cpu()
 
         for k, item in enumerate(items):
             ranked = ranked_predictions(probabilities[k], self.labels, item.request.top_k or self.topk)
-            if item.explain and failure is not None:
+            if item.explain and k in hits:
+                explanation = hits[k]
+                explanation.update(cached=True, elapsed_ms=round(lookup_ms, 2))
+                self.record_explanation(lookup_ms, layer=self.layer_name, cached=True)
+                answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
+            elif item.explain and failure is not None:
                 answers[item.idx] = answer_error(self.context, item.idx, failure)
             elif item.explain:
                 began = time.perf_counter()
                 explanation = self._explanation(item, heatmaps[k], targets[k])
+                if cache_keys.get(k) is not None:
+                    self.cache.put(cache_keys[k], explanation)
+                explanation["cached"] = False
                 explanation["elapsed_ms"] = round(explain_ms + (time.perf_counter() - began) * 1000, 2)
                 self.record_explanation(explanation["elapsed_ms"], layer=self.layer_name)
                 answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
             else:
                 answers[item.idx] = self.answer_prediction(item, ranked)
+
+    def _output_params(self, item: Prepared) -> dict:
+        """The request fields that shape the explanation part of the answer."""
+        settings = self.explain_settings
+        outputs = item.request.outputs if item.request.outputs is not None else settings.outputs
+        return {"outputs": sorted(outputs), "heatmap_size": item.request.heatmap_size or settings.heatmap_size}
 
     def _explanation(self, item: Prepared, heatmap: torch.Tensor, target: int) -> dict:
         settings = self.explain_settings

@@ -21,7 +21,7 @@ from explain_common import ExplainerFlow, Prepared, answer, answer_error, envelo
 from tsexplain.errors import ConfigError, RequestError
 from tsexplain.parsing import parse_text_request, resolve_target
 from tsexplain.settings import TextExplainSettings, TextModelSettings, load_section
-from tsexplain.text_attribution import LayerIGTextExplainer, render_html
+from tsexplain.text_attribution import AdaptiveSteps, LayerIGTextExplainer, render_html
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,12 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         self.explainer = LayerIGTextExplainer(
             self.model, self.tokenizer, layer=settings.layer, baseline=settings.baseline, n_steps=settings.n_steps,
             integration_method=settings.integration_method, internal_batch_size=settings.internal_batch_size,
-            max_length=self.model_settings.max_length,
+            max_length=self.model_settings.max_length, precision=settings.precision,
+            memory_budget_mb=settings.memory_budget_mb,
+            adaptive=AdaptiveSteps(settings.adaptive_start, settings.adaptive_max, settings.max_relative_delta),
         )
         self.max_length = self.explainer.max_length
+        self._init_cache(context)
         self.initialized = True
         logger.info("Layer IG on %s, %d labels, max_length %d", self.explainer.layer_name, len(self.labels), self.max_length)
 
@@ -79,12 +82,23 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         probabilities = self._predict([item.inputs for item in items])
         settings = self.explain_settings
         groups: dict[tuple[int, int], list[int]] = {}  # same n_steps and top_k: one batched call
+        began = time.perf_counter()
+        hits, cache_keys = {}, {}
         for k, item in enumerate(items):
             if item.explain:
                 if item.target is None:
                     item.target = int(probabilities[k].argmax())
                 key = (item.request.n_steps or settings.n_steps, item.request.top_k or settings.top_k_words)
-                groups.setdefault(key, []).append(k)
+                cache_keys[k] = self.explanation_key(
+                    item.inputs.encode("utf-8"), settings.method, item.target,
+                    {"n_steps": key[0], "top_k": key[1], "html": self._wants_html(item)},
+                )
+                found = self.cached_explanation(cache_keys[k])
+                if found is not None:
+                    hits[k] = found
+                else:
+                    groups.setdefault(key, []).append(k)
+        lookup_ms = (time.perf_counter() - began) * 1000
         explanations, failure = {}, None
         began = time.perf_counter()
         try:
@@ -102,10 +116,18 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         for k, item in enumerate(items):
             ranked = ranked_predictions(probabilities[k], self.labels, top_k)
             result = explanations.get(k)
-            if item.explain and (failure is not None or isinstance(result, RequestError)):
+            if item.explain and k in hits:
+                explanation = hits[k]
+                explanation.update(cached=True, elapsed_ms=round(lookup_ms, 2))
+                self.record_explanation(lookup_ms, n_steps=explanation["n_steps"], cached=True)
+                answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
+            elif item.explain and (failure is not None or isinstance(result, RequestError)):
                 answers[item.idx] = answer_error(self.context, item.idx, result if failure is None else failure)
             elif item.explain:
                 explanation = self._explanation(item, result)
+                if cache_keys.get(k) is not None:
+                    self.cache.put(cache_keys[k], explanation)
+                explanation["cached"] = False
                 explanation["elapsed_ms"] = round(explain_ms, 2)
                 self.record_explanation(explain_ms, n_steps=result.n_steps)
                 answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
@@ -131,7 +153,9 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         body["integration"] = body.pop("method")  # the core's integration rule
         body["method"] = self.explain_settings.method
         body["target"] = {"index": result.target, "label": self.labels[result.target]}
-        want_html = item.request.html if item.request.html is not None else self.explain_settings.html
-        if want_html:
+        if self._wants_html(item):
             body["html"] = render_html(result.words, item.inputs)
         return body
+
+    def _wants_html(self, item: Prepared) -> bool:
+        return item.request.html if item.request.html is not None else self.explain_settings.html

@@ -103,6 +103,8 @@ class ExplainAccessSettings:
     request_overrides: Optional[list] = None  # None: every override field
     routes: list = field(default_factory=lambda: ["explanations", "kserve"])
     inject_fault: Optional[str] = None  # tests only: "error" or "oom" makes every explanation fail
+    cache_mb: float = 32  # explanation cache per worker (0: off); see docs/design.md
+    cache_entries: int = 4096
 
     override_fields = ()  # the request fields a model type knows
 
@@ -127,6 +129,9 @@ class ExplainAccessSettings:
                and set(self.routes) <= {"explanations", "kserve"},
                "explain.routes must be [explanations] or [explanations, kserve]")
         _check(self.inject_fault in (None, "error", "oom"), "explain.inject_fault must be null, error or oom")
+        _check(isinstance(self.cache_mb, (int, float)) and not isinstance(self.cache_mb, bool)
+               and 0 <= self.cache_mb <= 1 << 20, "explain.cache_mb must be a number in [0, 1048576] (0: off)")
+        _check(_is_int(self.cache_entries, 0, 1 << 24), "explain.cache_entries must be an int in [0, 16777216] (0: off)")
         _check(self.request_overrides is None or (isinstance(self.request_overrides, (list, tuple))
                and set(self.request_overrides) <= set(self.override_fields)),
                f"explain.request_overrides must be a list drawn from {list(self.override_fields)}")
@@ -233,7 +238,11 @@ class TextExplainSettings(ExplainAccessSettings):
     """The ``explain:`` section of a text model (Layer Integrated Gradients).
 
     ``layer``: dotted module name; ``None`` uses ``get_input_embeddings()``.
-    ``n_steps`` is the default; a request may ask for up to ``max_n_steps``.
+    ``n_steps`` is the default (``auto``: adaptive, from ``adaptive_start`` doubling
+    up to ``adaptive_max`` until the relative delta is at most
+    ``max_relative_delta``); a request may ask for up to ``max_n_steps``.
+    ``precision``: ``fp32`` | ``bf16`` | ``fp16`` (CUDA only) | ``auto``.
+    ``internal_batch_size``: rows per pass, or ``auto`` from ``memory_budget_mb``.
     """
 
     override_fields = ("target", "method", "n_steps", "top_k", "html")
@@ -243,9 +252,14 @@ class TextExplainSettings(ExplainAccessSettings):
     n_steps: int = 50
     max_n_steps: int = 256
     integration_method: str = "gausslegendre"
-    internal_batch_size: int = 64
+    internal_batch_size: Any = 64
     top_k_words: int = 5
     html: bool = False
+    precision: str = "fp32"
+    memory_budget_mb: float = 1024
+    adaptive_start: int = 8
+    adaptive_max: int = 128
+    max_relative_delta: float = 0.05
 
     def __post_init__(self):
         super().__post_init__()
@@ -253,9 +267,20 @@ class TextExplainSettings(ExplainAccessSettings):
         _check(self.layer is None or (isinstance(self.layer, str) and self.layer), "explain.layer must be a dotted module name")
         _check(self.baseline in ("pad", "unk", "mask"), "explain.baseline must be one of ['pad', 'unk', 'mask']")
         _check(_is_int(self.max_n_steps, 1, 10_000), "explain.max_n_steps must be an int in [1, 10000]")
-        _check(_is_int(self.n_steps, 1, self.max_n_steps), "explain.n_steps must be an int in [1, max_n_steps]")
+        _check(self.n_steps == "auto" or _is_int(self.n_steps, 1, self.max_n_steps),
+               "explain.n_steps must be an int in [1, max_n_steps] or auto")
+        _check(_is_int(self.adaptive_max, 1, 1024), "explain.adaptive_max must be an int in [1, 1024]")
+        _check(self.n_steps != "auto" or self.adaptive_max <= self.max_n_steps,
+               "explain.adaptive_max must not exceed max_n_steps when n_steps is auto")
+        _check(_is_int(self.adaptive_start, 1, self.adaptive_max), "explain.adaptive_start must be an int in [1, adaptive_max]")
+        _check(isinstance(self.max_relative_delta, (int, float)) and not isinstance(self.max_relative_delta, bool)
+               and 0 < self.max_relative_delta < float("inf"), "explain.max_relative_delta must be a positive number")
+        _check(self.precision in ("fp32", "bf16", "fp16", "auto"), "explain.precision must be fp32, bf16, fp16 or auto")
+        _check(isinstance(self.memory_budget_mb, (int, float)) and not isinstance(self.memory_budget_mb, bool)
+               and 0 < self.memory_budget_mb <= 1 << 24, "explain.memory_budget_mb must be a positive number")
         _check(self.integration_method in ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"),
                "explain.integration_method must be gausslegendre or a riemann_* rule")
-        _check(_is_int(self.internal_batch_size, 1, 1 << 20), "explain.internal_batch_size must be a positive int")
+        _check(self.internal_batch_size == "auto" or _is_int(self.internal_batch_size, 1, 1 << 20),
+               "explain.internal_batch_size must be a positive int or auto")
         _check(_is_int(self.top_k_words, 1, 1000), "explain.top_k_words must be an int in [1, 1000]")
         _check(isinstance(self.html, bool), "explain.html must be true or false")
