@@ -71,3 +71,30 @@ def test_unquoted_off_means_off():
 
     assert load_section(ImageExplainSettings, yaml.safe_load("policy: off"), "m", {}).policy == "off"
     assert load_section(ImageExplainSettings, {}, "m", {"TSEXPLAIN_POLICY": "off"}).policy == "off"
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"precision": "fp8"}, "precision"),
+    ({"n_steps": "many"}, "n_steps"),
+    ({"internal_batch_size": "max"}, "internal_batch_size"),
+    ({"memory_budget_mb": 0}, "memory_budget_mb"),
+    ({"adaptive_start": 0}, "adaptive_start"),
+    ({"adaptive_start": 64, "adaptive_max": 32}, "adaptive_start"),
+    ({"n_steps": "auto", "adaptive_max": 512}, "adaptive_max"),
+    ({"max_relative_delta": 0}, "max_relative_delta"),
+    ({"cache_mb": -1}, "cache_mb"),
+    ({"cache_entries": 1.5}, "cache_entries"),
+])
+def test_speed_and_cache_settings_validated(section, message):
+    from tsexplain.settings import TextExplainSettings
+
+    with pytest.raises(ConfigError, match=message):
+        TextExplainSettings(**section)
+
+
+def test_speed_and_cache_settings_accept_auto():
+    from tsexplain.settings import TextExplainSettings
+
+    s = TextExplainSettings(n_steps="auto", internal_batch_size="auto", precision="auto", cache_mb=0)
+    assert (s.n_steps, s.internal_batch_size, s.precision, s.cache_mb) == ("auto", "auto", "auto", 0)
+    assert ImageExplainSettings(cache_mb=0.5, cache_entries=10).cache_entries == 10
