@@ -242,3 +242,23 @@ def test_adaptive_schedule_checks():
     for bad in [(0, 8, 0.05), (16, 8, 0.05), (1, 2000, 0.05), (1, 8, 0), (1, 8, float("nan"))]:
         with pytest.raises(ConfigError):
             AdaptiveSteps(*bad)
+
+
+# --- through the handler ------------------------------------------------------------
+
+
+def test_handler_serves_the_speed_settings(tmp_path):
+    from harness import EXPLAIN, InProcessHandler, build_text_mar, unpack
+
+    config = {"explain": {"n_steps": "auto", "adaptive_start": 2, "adaptive_max": 32, "max_relative_delta": 0.01,
+                          "internal_batch_size": "auto", "memory_budget_mb": 64, "precision": "bf16"}}
+    mar = build_text_mar(tmp_path, "fast", "bert", config=config)
+    handler = InProcessHandler(unpack(mar, tmp_path / "unpacked"), "text_explainer", "TextExplainer")
+    explainer = handler.handler.explainer
+    assert explainer.precision == "bf16" and explainer.activation_cost is not None
+    out = handler([({"data": TEXTS[0]}, EXPLAIN), ({"data": TEXTS[1], "n_steps": 8}, EXPLAIN)])
+    adaptive, fixed = out[0][1]["explanation"], out[1][1]["explanation"]
+    assert adaptive["precision"] == "bf16" and adaptive["converged"] in (True, False)
+    assert adaptive["n_steps"] in (2, 4, 8, 16, 32)
+    assert adaptive["converged"] == (adaptive["convergence_delta"]["relative"] <= 0.01)
+    assert fixed["n_steps"] == 8 and fixed["converged"] is None
