@@ -96,6 +96,9 @@ class ExplainerFlow:
                     s.policy if s.enabled else "off", s.on_denied, "required" if secret is not None else "none",
                     s.max_per_batch, ",".join(s.routes))
 
+    cache = ExplanationCache(0, 0)  # off until _init_cache
+    model_version = None
+
     def _init_cache(self, context) -> None:
         """The explanation cache (``explain.cache_mb``, ``cache_entries``) and the model
         version its keys carry: the MAR's model version and a hash of the MAR's files."""
