@@ -21,6 +21,8 @@ the contrast's.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from captum.attr import LayerFeatureAblation, LayerGradientXActivation
 
@@ -44,9 +46,11 @@ DEFAULT_MAX_WORDS = 256
 class _TextAttribution(LayerIGTextExplainer):
     """Shared request checks, tokenization and output of the non-integrating methods.
 
-    Subclasses implement ``_attribute(ids, extra, classes, content, words)``, returning
-    per-token attributions ``(batch, seq)`` (special tokens and padding are ignored)
-    and optionally per-word values that replace the sum over a word's pieces.
+    Subclasses implement ``_attribute(ids, extra, classes, content, keeps, words)``
+    (``keeps[i]``: sequence positions of text i's content tokens; ``words[i]``: its
+    :func:`~tsexplain.text_attribution.word_pieces`, indices into ``keeps[i]``),
+    returning per-token attributions ``(batch, seq)`` (special tokens and padding are
+    ignored) and per-word values (or None: the sum over a word's pieces).
     """
 
     def explain(
@@ -269,8 +273,6 @@ def make_text_explainer(method: str, model: torch.nn.Module, tokenizer, **option
     that the method does not take are dropped (``n_steps`` for occlusion), so one
     set of settings can configure every method.
     """
-    import inspect
-
     classes = {
         "layer_ig": LayerIGTextExplainer,
         "grad_x_input": GradXInputTextExplainer,
