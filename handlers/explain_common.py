@@ -34,8 +34,7 @@ class Prepared:
     inputs: Any  # this request's model input
     original: Any = None  # what the input was made from (the decoded image)
     skipped: Optional[str] = None  # why an asked-for explanation was denied (on_denied: predict)
-    method: Optional[str] = None  # the explanation method this request uses (None: explain.method)
-    contrast: Optional[int] = None  # class index to explain the target against (None: none)
+    method: Optional[str] = None  # the explanation method of this request (None: the model's default)
 
 
 def is_explain_request(context, idx: int) -> bool:
@@ -112,7 +111,7 @@ class ExplainerFlow:
                     if decision.allowed:
                         item.explain, granted = True, granted + 1
                     else:
-                        self.count("ExplanationsDenied")
+                        self.count("ExplanationsDenied", method=item.method)
                         if self.explain_settings.on_denied == "reject":
                             kind = "too_many_explanations" if decision.status == 429 else "explanation_denied"
                             raise RequestError(decision.reason, kind, decision.status)
@@ -149,7 +148,7 @@ class ExplainerFlow:
 
     def count(self, name: str, value: float = 1, unit: Optional[str] = None, method: Optional[str] = None) -> None:
         """A TorchServe custom metric, by method (counter, or a time when ``unit``);
-        ``method``: the one used, default ``explain.method``."""
+        ``method``: the one the request used (default: the model's default method)."""
         dims = [Dimension("Method", method or self.explain_settings.method)]
         if unit is None:
             self.context.metrics.add_counter(name, value, None, dims)
