@@ -137,7 +137,9 @@ def test_text_repeat_is_a_hit_with_the_same_explanation(text_handler):
 def test_text_changed_request_misses(text_handler):
     base = {"data": "a dull and long film", "target": "negative"}
     text_handler([(base, EXPLAIN)])
-    for change in [{"target": "positive"}, {"n_steps": 8}, {"top_k": 2}, {"html": True}, {"data": "a dull and long film!"}]:
+    changes = [{"target": "positive"}, {"n_steps": 8}, {"top_k": 2}, {"html": True}, {"data": "a dull and long film!"},
+               {"contrast": "neutral"}, {"method": "grad_x_input"}]
+    for change in changes:
         [(status, body)] = text_handler([({**base, **change}, EXPLAIN)])
         assert status == 200 and body["explanation"]["cached"] is False, change
     # the resolved target counts: no target means the predicted class, the same key as naming it

@@ -193,14 +193,14 @@ SCHEDULE = AdaptiveSteps(start=2, max=64, max_relative_delta=0.01)
 
 def spy_attribute(explainer):
     calls = []
-    original = explainer._attribute
+    original = explainer._integrate
 
     def wrapper(enc, rows, targets, indices, n_steps):
         out = original(enc, rows, targets, indices, n_steps)
         calls.append((list(indices), n_steps, out[2]))
         return out
 
-    explainer._attribute = wrapper
+    explainer._integrate = wrapper
     return calls
 
 

@@ -98,3 +98,18 @@ def test_speed_and_cache_settings_accept_auto():
     s = TextExplainSettings(n_steps="auto", internal_batch_size="auto", precision="auto", cache_mb=0)
     assert (s.n_steps, s.internal_batch_size, s.precision, s.cache_mb) == ("auto", "auto", "auto", 0)
     assert ImageExplainSettings(cache_mb=0.5, cache_entries=10).cache_entries == 10
+
+
+def test_text_methods_allow_list():
+    from tsexplain.settings import TextExplainSettings
+
+    s = load_section(TextExplainSettings, {}, "m", {})
+    assert s.method == "layer_ig" and s.methods == ["layer_ig", "grad_x_input", "occlusion"]
+    s = load_section(TextExplainSettings, {"method": "occlusion"}, "m", {"TSEXPLAIN_M_METHODS": "[occlusion]"})
+    assert s.methods == ["occlusion"] and "contrast" in s.override_fields
+    for section, message in (({"methods": []}, "explain.methods"), ({"methods": ["lime"]}, "explain.methods"),
+                             ({"methods": ["occlusion"]}, "explain.method 'layer_ig'"),
+                             ({"method": "lime"}, "explain.method 'lime'"),
+                             ({"occlusion_max_words": 0}, "occlusion_max_words")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_section(TextExplainSettings, section, "m", {})

@@ -17,6 +17,7 @@ import yaml
 
 from .errors import ConfigError
 from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .text_methods import TEXT_METHODS
 
 T = TypeVar("T")
 ENV_PREFIX = "TSEXPLAIN"
@@ -235,8 +236,12 @@ class TextModelSettings:
 
 @dataclass(frozen=True)
 class TextExplainSettings(ExplainAccessSettings):
-    """The ``explain:`` section of a text model (Layer Integrated Gradients).
+    """The ``explain:`` section of a text model.
 
+    ``method``: the default method, one of ``methods``, the methods a request may
+    choose (``layer_ig``, ``grad_x_input``, ``occlusion``; default all: each one's
+    cost is bounded, by ``max_n_steps`` for Layer IG and ``occlusion_max_words``
+    for occlusion, and grad x input costs one backward pass).
     ``layer``: dotted module name; ``None`` uses ``get_input_embeddings()``.
     ``n_steps`` is the default (``auto``: adaptive, from ``adaptive_start`` doubling
     up to ``adaptive_max`` until the relative delta is at most
@@ -245,8 +250,9 @@ class TextExplainSettings(ExplainAccessSettings):
     ``internal_batch_size``: rows per pass, or ``auto`` from ``memory_budget_mb``.
     """
 
-    override_fields = ("target", "method", "n_steps", "top_k", "html")
+    override_fields = ("target", "method", "n_steps", "top_k", "html", "contrast")
     method: str = "layer_ig"
+    methods: list = field(default_factory=lambda: list(TEXT_METHODS))
     layer: Optional[str] = None
     baseline: str = "pad"
     n_steps: int = 50
@@ -260,10 +266,13 @@ class TextExplainSettings(ExplainAccessSettings):
     adaptive_start: int = 8
     adaptive_max: int = 128
     max_relative_delta: float = 0.05
+    occlusion_max_words: int = 256
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.method == "layer_ig", f"explain.method {self.method!r} is not supported; use 'layer_ig'")
+        _check(isinstance(self.methods, (list, tuple)) and self.methods and set(self.methods) <= set(TEXT_METHODS),
+               f"explain.methods must be a non-empty list drawn from {list(TEXT_METHODS)}")
+        _check(self.method in self.methods, f"explain.method {self.method!r} must be one of explain.methods {list(self.methods)}")
         _check(self.layer is None or (isinstance(self.layer, str) and self.layer), "explain.layer must be a dotted module name")
         _check(self.baseline in ("pad", "unk", "mask"), "explain.baseline must be one of ['pad', 'unk', 'mask']")
         _check(_is_int(self.max_n_steps, 1, 10_000), "explain.max_n_steps must be an int in [1, 10000]")
@@ -284,3 +293,4 @@ class TextExplainSettings(ExplainAccessSettings):
                "explain.internal_batch_size must be a positive int or auto")
         _check(_is_int(self.top_k_words, 1, 1000), "explain.top_k_words must be an int in [1, 1000]")
         _check(isinstance(self.html, bool), "explain.html must be true or false")
+        _check(_is_int(self.occlusion_max_words, 1, 1 << 20), "explain.occlusion_max_words must be a positive int")
