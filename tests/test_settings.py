@@ -49,7 +49,7 @@ def test_bad_env_value_names_the_variable():
     ({"priority_header": "X Priority"}, "priority_header"),
     ({"token_env": "A", "token_file": "/b"}, "not both"),
     ({"max_per_batch": -1}, "max_per_batch"),
-    ({"request_overrides": ["n_steps"]}, "request_overrides"),
+    ({"request_overrides": ["html"]}, "request_overrides"),  # a text-only field
     ({"enabled": "yes"}, "enabled"),
 ])
 def test_access_settings_validated(section, message):
