@@ -73,7 +73,15 @@ class ImageIG:
 
     def _score(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # weights: [N, K] with +1 at the target and -1 at the contrast.
-        return (self.model(inputs) * weights).sum(dim=1)
+        # Layer IG replaces the layer's output by a leaf that requires grad; a hook
+        # registered after captum's hands the rest of the model a copy, so in-place
+        # ops after the layer (DenseNet's ReLU) stay legal.
+        handle = self.layer.register_forward_hook(_copy_output) if self.layer is not None else None
+        try:
+            return (self.model(inputs) * weights).sum(dim=1)
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def attribute(
         self,
@@ -124,6 +132,10 @@ class ImageIG:
         maps = grid.sum(dim=1)
         return IGOutput(maps, [int(t) for t in target], [None if c is None else int(c) for c in contrast],
                         delta.detach().float().reshape(-1), gap.detach().float())
+
+
+def _copy_output(_module, _args, output):
+    return output.clone() if isinstance(output, torch.Tensor) else output
 
 
 def sum_pool(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
