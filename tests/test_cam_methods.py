@@ -132,3 +132,12 @@ def test_unknown_method_and_bad_lengths(resnet):
         cam.attribute(torch.randn(1, 3, 32, 32), methods=["scorecam"])
     with pytest.raises(ValueError, match="contrasts"):
         cam.attribute(torch.randn(1, 3, 32, 32), contrast=[1, 2])
+
+
+def test_maps_of_tiny_magnitude_are_still_normalised():
+    """Random-weight EfficientNet gives Grad-CAM maps of ~1e-13; they must reach 1 too."""
+    from tsexplain.gradcam import normalize_maps
+
+    maps = torch.tensor([[[9.5e-14, 1.4e-15], [0.0, 0.0]]])
+    out = normalize_maps(maps)
+    assert out.max() == 1 and out.min() == 0

@@ -212,4 +212,5 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     flat = maps.flatten(1)
     low = flat.min(dim=1).values[:, None, None]
     span = (flat.max(dim=1).values[:, None, None] - low)
-    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-12), torch.zeros_like(maps))
+    # Divide by the span itself however small (maps of tiny magnitude still reach 1).
+    return torch.where(span > 0, (maps - low) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(maps))
