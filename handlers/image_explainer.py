@@ -15,9 +15,6 @@ import base64
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from ts.torch_handler.image_classifier import ImageClassifier
@@ -34,13 +31,7 @@ from tsexplain.settings import IMAGE_CAM_METHODS, IMAGE_METHODS, ImageExplainSet
 
 logger = logging.getLogger(__name__)
 IG_METHODS = ("layer_ig", "integrated_gradients")
-
-
-@dataclass
-class ImagePrepared(Prepared):
-    contrast: Optional[int] = None  # class index to explain against
-    n_steps: Optional[int] = None  # integration steps (IG methods)
-
+# TorchServe's loader wants exactly one class defined in a handler module.
 
 class ImageExplainer(ExplainerFlow, ImageClassifier):
     """Image classifier handler whose ``/explanations`` route serves CAM and IG maps."""
@@ -107,10 +98,9 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         if contrast is not None and contrast == target:
             raise RequestError("'contrast' must differ from 'target'", "bad_contrast")
         image = decode_image(request.image, self.model_settings.max_image_pixels)
-        return ImagePrepared(idx, request, False, target, self.preprocessing(image), image, method=method,
-                             contrast=contrast, n_steps=request.n_steps or settings.n_steps)
+        return Prepared(idx, request, False, target, self.preprocessing(image), image, method=method, contrast=contrast)
 
-    def _answer_batch(self, items: list[ImagePrepared], answers: list) -> None:
+    def _answer_batch(self, items: list[Prepared], answers: list) -> None:
         batch = torch.stack([item.inputs for item in items]).to(self.device)
         explained = [k for k, item in enumerate(items) if item.explain]
         results: dict[int, dict] = {}  # row -> what _explanation renders
@@ -132,9 +122,10 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         if logits is None:
             logits = self.inference(batch)
         predicted = logits.argmax(dim=1).tolist()
+        steps = {k: items[k].request.n_steps or self.explain_settings.n_steps for k in explained}
         for method in IG_METHODS:  # after the shared prediction forward, one captum call per step count
-            for n_steps in sorted({items[k].n_steps for k in explained if items[k].method == method}):
-                rows = [k for k in explained if items[k].method == method and items[k].n_steps == n_steps]
+            for n_steps in sorted({steps[k] for k in explained if items[k].method == method}):
+                rows = [k for k in explained if items[k].method == method and steps[k] == n_steps]
                 self._integrate(method, n_steps, batch, rows, items, predicted, results, failures)
         probabilities = F.softmax(logits.float(), dim=1).cpu()
 
@@ -184,7 +175,7 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
             self.count("ExplanationsFailed", method=items[k].method)
             failures[k] = error
 
-    def _explanation(self, item: ImagePrepared, result: dict) -> dict:
+    def _explanation(self, item: Prepared, result: dict) -> dict:
         settings = self.explain_settings
         outputs = item.request.outputs if item.request.outputs is not None else tuple(settings.outputs)
         size = item.request.heatmap_size or settings.heatmap_size
@@ -211,7 +202,7 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
             extra = {"scale": float(f"{scale:.6g}")}
             absolute = abs(result["delta"])
             explanation.update(
-                n_steps=item.n_steps, integration=settings.integration_method, baseline="zeros",
+                n_steps=item.request.n_steps or settings.n_steps, integration=settings.integration_method, baseline="zeros",
                 convergence_delta={"absolute": absolute, "relative": absolute / max(abs(result["gap"]), 1e-12)})
         if "heatmap" in outputs:
             rounded = [[round(v, settings.heatmap_decimals) for v in row] for row in values.tolist()]

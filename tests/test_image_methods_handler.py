@@ -185,3 +185,13 @@ def test_nothing_left_behind_after_ig(handler):
     assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
     assert torch.is_grad_enabled()
+
+
+def test_handler_module_defines_one_class(handler):
+    """TorchServe's loader refuses a handler module that defines more than one class."""
+    import sys
+
+    from ts.utils.util import list_classes_from_module
+
+    module = sys.modules[type(handler.handler).__module__]
+    assert [c.__name__ for c in list_classes_from_module(module)] == ["ImageExplainer"]
