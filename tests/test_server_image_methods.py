@@ -1,7 +1,8 @@
 """Image methods through a real TorchServe: every method in one concurrent burst (batches
-form), the allowed-methods gate, and metrics by method in the model log."""
+form), the allowed-methods gate, and log lines by method."""
 import base64
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -52,3 +53,4 @@ def test_methods_in_one_burst(server):
         assert explanation["heatmap"]["shape"] == [4, 4]
     log = server.log_text()
     assert "explanation method=gradcam++ layer=layer2" in log and "explanation method=layer_ig layer=layer2" in log
+    assert max(int(n) for n in re.findall(r"batch size=(\d+)", log)) > 1  # methods met in batches

@@ -71,3 +71,24 @@ def test_unquoted_off_means_off():
 
     assert load_section(ImageExplainSettings, yaml.safe_load("policy: off"), "m", {}).policy == "off"
     assert load_section(ImageExplainSettings, {}, "m", {"TSEXPLAIN_POLICY": "off"}).policy == "off"
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"methods": []}, "explain.methods"),
+    ({"methods": ["gradcam", "scorecam"]}, "explain.methods"),
+    ({"method": "lime"}, "explain.method"),
+    ({"method": "layer_ig"}, "not in explain.methods"),  # the default list has the CAM methods only
+    ({"feature_layout": "nwhc"}, "feature_layout"),
+    ({"methods": ["layer_ig"], "method": "layer_ig", "n_steps": 200}, "n_steps"),
+    ({"internal_batch_size": 0}, "internal_batch_size"),
+    ({"integration_method": "simpson"}, "integration_method"),
+])
+def test_image_method_settings_validated(section, message):
+    with pytest.raises(ConfigError, match=message):
+        load_section(ImageExplainSettings, section, "m", {})
+
+
+def test_image_methods_from_the_environment():
+    s = load_section(ImageExplainSettings, {}, "m", {"TSEXPLAIN_M_METHODS": "[gradcam, layer_ig]",
+                                                     "TSEXPLAIN_M_METHOD": "layer_ig"})
+    assert s.methods == ["gradcam", "layer_ig"] and s.method == "layer_ig"
