@@ -181,8 +181,8 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         size = item.request.heatmap_size or settings.heatmap_size
         target = result["target"]
         explanation = {"method": item.method, "target": {"index": target, "label": self.labels[target]}}
-        if item.contrast is not None:
-            explanation["contrast"] = {"index": item.contrast, "label": self.labels[item.contrast]}
+        explanation["contrast"] = (None if item.contrast is None
+                                   else {"index": item.contrast, "label": self.labels[item.contrast]})
         explanation["layer"] = "input" if item.method == "integrated_gradients" else self.layer_name
         input_size = (item.inputs.shape[1], item.inputs.shape[2])
         extra = {}

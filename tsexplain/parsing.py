@@ -18,7 +18,7 @@ from .settings import HEATMAP_SIZES, IMAGE_OUTPUTS
 Target = Union[int, str, None]  # index, label, or None for the predicted class
 IMAGE_FIELDS = {"data", "target", "contrast", "method", "n_steps", "outputs", "heatmap_size", "top_k", "priority"}
 MAX_N_STEPS = 10_000  # the hard bound; each model's explain.max_n_steps is checked by its handler
-TEXT_FIELDS = {"data", "target", "method", "n_steps", "top_k", "html", "priority"}
+TEXT_FIELDS = {"data", "target", "contrast", "method", "n_steps", "top_k", "html", "priority"}
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,7 @@ class TextRequest:
     text: str
     target: Target = None
     method: Optional[str] = None
+    contrast: Target = None  # explain target rather than this class
     n_steps: Optional[int] = None
     top_k: Optional[int] = None
     html: Optional[bool] = None
@@ -185,6 +186,7 @@ def parse_text_request(row: Mapping[str, Any], max_chars: int, max_n_steps: int)
         text=_text(options.get("data"), max_chars),
         target=parse_target(options.get("target")),
         method=_optional_str(options, "method"),
+        contrast=parse_target(options.get("contrast"), "contrast"),
         n_steps=_optional_int(options, "n_steps", 1, max_n_steps),
         top_k=_optional_int(options, "top_k", 1, 1000),
         html=html,
