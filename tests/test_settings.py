@@ -76,6 +76,8 @@ def test_unquoted_off_means_off():
 @pytest.mark.parametrize("section,message", [
     ({"methods": []}, "explain.methods"),
     ({"methods": ["gradcam", "scorecam"]}, "explain.methods"),
+    ({"methods": [["gradcam"]]}, "explain.methods"),
+    ({"method": ["gradcam"]}, "explain.method"),
     ({"method": "lime"}, "explain.method"),
     ({"method": "layer_ig"}, "not in explain.methods"),  # the default list has the CAM methods only
     ({"feature_layout": "nwhc"}, "feature_layout"),

@@ -215,9 +215,10 @@ class ImageExplainSettings(ExplainAccessSettings):
         _check(self.target_layer is None or (isinstance(self.target_layer, str) and self.target_layer),
                "explain.target_layer must be a dotted module name")
         _check(self.feature_layout in FEATURE_LAYOUTS, f"explain.feature_layout must be one of {list(FEATURE_LAYOUTS)}")
-        _check(isinstance(self.methods, (list, tuple)) and self.methods and set(self.methods) <= set(IMAGE_METHODS),
+        _check(isinstance(self.methods, (list, tuple)) and self.methods
+               and all(isinstance(m, str) and m in IMAGE_METHODS for m in self.methods),
                f"explain.methods must be a non-empty list drawn from {list(IMAGE_METHODS)}")
-        _check(self.method in IMAGE_METHODS, f"explain.method must be one of {list(IMAGE_METHODS)}")
+        _check(isinstance(self.method, str) and self.method in IMAGE_METHODS, f"explain.method must be one of {list(IMAGE_METHODS)}")
         _check(self.method in self.methods, f"explain.method {self.method!r} is not in explain.methods {list(self.methods)}")
         _check(_is_int(self.max_n_steps, 1, 10_000), "explain.max_n_steps must be an int in [1, 10000]")
         _check(_is_int(self.n_steps, 1, self.max_n_steps), "explain.n_steps must be an int in [1, max_n_steps]")
