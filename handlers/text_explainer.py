@@ -12,9 +12,7 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +27,8 @@ from tsexplain.text_methods import TEXT_METHODS, make_text_explainer
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class TextPrepared(Prepared):
-    contrast: Optional[int] = None  # class index to explain the target against
+# TorchServe's loader wants exactly one class defined in a handler module: the
+# contrast rides on explain_common.Prepared.
 
 
 class TextExplainer(ExplainerFlow, TextClassifier):
@@ -85,7 +81,7 @@ class TextExplainer(ExplainerFlow, TextClassifier):
     def _parse(self, row):
         return parse_text_request(row, self.model_settings.max_text_chars, self.explain_settings.max_n_steps)
 
-    def _prepare(self, idx, request) -> TextPrepared:
+    def _prepare(self, idx, request) -> Prepared:
         settings = self.explain_settings
         method = request.method or settings.method
         if method not in TEXT_METHODS:
@@ -97,7 +93,7 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         contrast = resolve_target(request.contrast, self.labels, "contrast")
         if contrast is not None and contrast == target:
             raise RequestError("'contrast' must differ from 'target'", "bad_contrast")
-        return TextPrepared(idx, request, False, target, request.text, method=method, contrast=contrast)
+        return Prepared(idx, request, False, target, request.text, method=method, contrast=contrast)
 
     def _predict(self, texts: list[str]) -> torch.Tensor:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
@@ -105,7 +101,7 @@ class TextExplainer(ExplainerFlow, TextClassifier):
             logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
         return F.softmax(logits.float(), dim=1).cpu()
 
-    def _answer_batch(self, items: list[TextPrepared], answers: list) -> None:
+    def _answer_batch(self, items: list[Prepared], answers: list) -> None:
         probabilities = self._predict([item.inputs for item in items])
         settings = self.explain_settings
         groups: dict[tuple, list[int]] = {}  # same method and parameters: one batched call
@@ -169,11 +165,11 @@ class TextExplainer(ExplainerFlow, TextClassifier):
             else:
                 answers[item.idx] = self.answer_prediction(item, ranked)
 
-    def _explain_group(self, group: list[TextPrepared], keys: list[int], method: str, n_steps, top_k: int) -> dict:
+    def _explain_group(self, group: list[Prepared], keys: list[int], method: str, n_steps, top_k: int) -> dict:
         """Explanations (or per-request errors) for requests sharing method, n_steps and top_k."""
         explainer = self.explainers[method]
 
-        def explain(members: list[TextPrepared]):
+        def explain(members: list[Prepared]):
             return explainer.explain([i.inputs for i in members], [i.target for i in members], n_steps=n_steps,
                                      top_k=top_k, contrast=[i.contrast for i in members])
 
@@ -188,7 +184,7 @@ class TextExplainer(ExplainerFlow, TextClassifier):
                     out[key] = error
             return out
 
-    def _explanation(self, item: TextPrepared, result) -> dict:
+    def _explanation(self, item: Prepared, result) -> dict:
         body = dataclasses.asdict(result)
         body["integration"] = body.pop("method")  # the core's integration rule (None: no integration)
         body["method"] = item.method

@@ -23,6 +23,12 @@ T = TypeVar("T")
 ENV_PREFIX = "TSEXPLAIN"
 HEATMAP_SIZES = ("feature", "input")
 IMAGE_OUTPUTS = ("heatmap", "overlay_png")
+# Image explanation methods: the CAM family shares the prediction's forward pass;
+# the IG family costs n_steps forward and backward passes per request.
+IMAGE_CAM_METHODS = ("gradcam", "gradcam++", "layercam")
+IMAGE_METHODS = IMAGE_CAM_METHODS + ("layer_ig", "integrated_gradients")
+FEATURE_LAYOUTS = ("auto", "nchw", "nhwc", "tokens")
+INTEGRATION_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 
 
 def env_names(model_name: str, key: str) -> list[str]:
@@ -187,13 +193,23 @@ class ImageExplainSettings(ExplainAccessSettings):
     """The ``explain:`` section of an image model (and the access keys above).
 
     ``target_layer``: dotted module name; ``None`` finds it automatically.
+    ``feature_layout``: how that layer lays out its output (``auto``: by family).
+    ``methods``: the methods requests may use; ``method`` the default one.
+    ``n_steps`` (at most ``max_n_steps`` per request) and ``internal_batch_size``
+    apply to ``layer_ig`` and ``integrated_gradients``.
     ``heatmap_size`` and ``outputs`` are the defaults a request may override.
     ``heatmap_decimals`` rounds heatmap values in the JSON (compact responses).
     """
 
-    override_fields = ("target", "method", "outputs", "heatmap_size", "top_k")
+    override_fields = ("target", "contrast", "method", "n_steps", "outputs", "heatmap_size", "top_k")
     target_layer: Optional[str] = None
+    feature_layout: str = "auto"
     method: str = "gradcam"
+    methods: list = field(default_factory=lambda: list(IMAGE_CAM_METHODS))
+    n_steps: int = 32
+    max_n_steps: int = 128
+    internal_batch_size: int = 32
+    integration_method: str = "gausslegendre"
     heatmap_size: str = "feature"
     outputs: list = field(default_factory=lambda: ["heatmap"])
     heatmap_decimals: int = 3
@@ -203,7 +219,17 @@ class ImageExplainSettings(ExplainAccessSettings):
         super().__post_init__()
         _check(self.target_layer is None or (isinstance(self.target_layer, str) and self.target_layer),
                "explain.target_layer must be a dotted module name")
-        _check(self.method == "gradcam", f"explain.method {self.method!r} is not supported; use 'gradcam'")
+        _check(self.feature_layout in FEATURE_LAYOUTS, f"explain.feature_layout must be one of {list(FEATURE_LAYOUTS)}")
+        _check(isinstance(self.methods, (list, tuple)) and self.methods
+               and all(isinstance(m, str) and m in IMAGE_METHODS for m in self.methods),
+               f"explain.methods must be a non-empty list drawn from {list(IMAGE_METHODS)}")
+        _check(isinstance(self.method, str) and self.method in IMAGE_METHODS, f"explain.method must be one of {list(IMAGE_METHODS)}")
+        _check(self.method in self.methods, f"explain.method {self.method!r} is not in explain.methods {list(self.methods)}")
+        _check(_is_int(self.max_n_steps, 1, 10_000), "explain.max_n_steps must be an int in [1, 10000]")
+        _check(_is_int(self.n_steps, 1, self.max_n_steps), "explain.n_steps must be an int in [1, max_n_steps]")
+        _check(_is_int(self.internal_batch_size, 1, 1 << 20), "explain.internal_batch_size must be a positive int")
+        _check(self.integration_method in INTEGRATION_METHODS,
+               "explain.integration_method must be gausslegendre or a riemann_* rule")
         _check(self.heatmap_size in HEATMAP_SIZES, f"explain.heatmap_size must be one of {list(HEATMAP_SIZES)}")
         _check(isinstance(self.outputs, (list, tuple)) and set(self.outputs) <= set(IMAGE_OUTPUTS),
                f"explain.outputs must be a list drawn from {list(IMAGE_OUTPUTS)}")
