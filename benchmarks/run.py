@@ -23,6 +23,7 @@ The device is TorchServe's: its GPU when the machine has one, else the CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -317,9 +318,11 @@ def environment(profile: str) -> dict:
             "load_average_1min_at_start": round(os.getloadavg()[0], 2)}  # other jobs on the machine
 
 
-def run_model(name: str, profile: str, work: Path) -> dict:
+def run_model(name: str, profile: str, work: Path, warmup: int | None = None) -> dict:
     plans = PLANS[profile]
     plan = plans.get(name, plans["small"])
+    if warmup is not None:
+        plan = dataclasses.replace(plan, warmup=warmup)
     store = work / "store"
     began = time.perf_counter()
     model = bench_models.BUILDERS[name](store, n_inputs=8)
@@ -350,6 +353,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--models", default=None, help="comma-separated: shapes,reviews,resnet50,bert-base "
                         "(default: all; --quick: shapes,reviews)")
     parser.add_argument("--out", default=str(ROOT / "build" / "bench"), help="where results.* go")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up requests per route (default: the profile's)")
     parser.add_argument("--workdir", default=None, help="model store and TorchServe dirs (default: a temp dir)")
     args = parser.parse_args(argv)
     import torch
@@ -365,7 +369,7 @@ def main(argv=None) -> dict:
     results = {"environment": environment(profile), "models": {}}
     began = time.perf_counter()
     for name in names:
-        results["models"][name] = run_model(name, profile, work)
+        results["models"][name] = run_model(name, profile, work, args.warmup)
     results["environment"]["seconds"] = round(time.perf_counter() - began, 1)
     results["environment"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     results["targets"] = [row for r in results["models"].values() for row in r["targets"]]
