@@ -61,6 +61,10 @@ class TorchServe:
             "inference_address": self.inference_url,
             "management_address": self.management_url,
             "metrics_address": self.metrics_url,
+            # TorchServe also opens gRPC ports (7070, 7071 by default): free ones, so that
+            # several instances can run side by side.
+            "grpc_inference_port": str(free_port()),
+            "grpc_management_port": str(free_port()),
             "model_store": str(self.model_store),
             "load_models": ",".join(f"{name}={mar}" for name, mar in self.models.items()),
             "default_workers_per_model": "1",
