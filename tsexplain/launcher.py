@@ -98,7 +98,8 @@ class TorchServe:
                     self.keys = json.loads(key_file.read_text())
                 except json.JSONDecodeError:
                     pass
-            if self.keys and all(self.model_ready(name) for name in self.models):
+            token_auth = str(self.properties.get("disable_token_authorization", "false")).lower() != "true"
+            if (self.keys or not token_auth) and all(self.model_ready(name) for name in self.models):
                 return
             time.sleep(0.5)
         raise TimeoutError(f"TorchServe not ready after {timeout}s; see {self.workdir / 'logs'}")

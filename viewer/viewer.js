@@ -133,7 +133,8 @@ async function explain(event) {
   clearResult();
   if (kind() === "image" && !imageData) return showError("Choose or drop an image first.");
   if (kind() === "text" && !$("text").value.trim()) return showError("Type a text first.");
-  const url = $("url").value.replace(/\/+$/, "") + "/explanations/" + encodeURIComponent($("model").value.trim());
+  // An empty server URL means this page's origin (the viewer served behind the same proxy as the API).
+  const url = $("url").value.trim().replace(/\/+$/, "") + "/explanations/" + encodeURIComponent($("model").value.trim());
   const text = $("text").value;
   $("status").textContent = "waiting for the server...";
   let response;
