@@ -37,6 +37,7 @@ class Prepared:
     inputs: Any  # this request's model input
     original: Any = None  # what the input was made from (the decoded image)
     skipped: Optional[str] = None  # why an asked-for explanation was denied (on_denied: predict)
+    method: Optional[str] = None  # the explanation method of this request (None: the model's default)
 
 
 def is_explain_request(context, idx: int) -> bool:
@@ -179,7 +180,7 @@ class ExplainerFlow:
                     if decision.allowed:
                         item.explain, granted = True, granted + 1
                     else:
-                        self.count("ExplanationsDenied")
+                        self.count("ExplanationsDenied", method=item.method)
                         if self.explain_settings.on_denied == "reject":
                             kind = "too_many_explanations" if decision.status == 429 else "explanation_denied"
                             raise RequestError(decision.reason, kind, decision.status)
@@ -259,17 +260,19 @@ class ExplainerFlow:
             if getattr(request, name, None) is not None and not settings.allows_override(name):
                 raise RequestError(f"'{name}' may not be set in requests to this model", "override_not_allowed")
 
-    def count(self, name: str, value: float = 1, unit: Optional[str] = None) -> None:
-        """A TorchServe custom metric, by method (counter, or a time when ``unit``)."""
-        dims = [Dimension("Method", self.explain_settings.method)]
+    def count(self, name: str, value: float = 1, unit: Optional[str] = None, method: Optional[str] = None) -> None:
+        """A TorchServe custom metric, by method (counter, or a time when ``unit``);
+        ``method``: the one the request used (default: the model's default method)."""
+        dims = [Dimension("Method", method or self.explain_settings.method)]
         if unit is None:
             self.context.metrics.add_counter(name, value, None, dims)
         else:
             self.context.metrics.add_time(name, value, None, unit, dims)
 
-    def record_explanation(self, elapsed_ms: float, **fields) -> None:
+    def record_explanation(self, elapsed_ms: float, method: Optional[str] = None, **fields) -> None:
         """Metrics and one log line per explanation served (no payloads, no values)."""
-        self.count("ExplanationsServed")
-        self.count("ExplanationLatency", round(elapsed_ms, 2), unit="ms")
+        method = method or self.explain_settings.method
+        self.count("ExplanationsServed", method=method)
+        self.count("ExplanationLatency", round(elapsed_ms, 2), unit="ms", method=method)
         detail = " ".join(f"{k}={v}" for k, v in fields.items())
-        logger.info("explanation method=%s %s elapsed_ms=%.2f", self.explain_settings.method, detail, elapsed_ms)
+        logger.info("explanation method=%s %s elapsed_ms=%.2f", method, detail, elapsed_ms)

@@ -1,4 +1,5 @@
-"""TextExplainer: Hugging Face sequence classifiers with Layer Integrated Gradients.
+"""TextExplainer: Hugging Face sequence classifiers with Layer Integrated Gradients,
+gradient x input or word occlusion (chosen per request among ``explain.methods``).
 
 The MAR carries a ``save_pretrained`` folder (model and fast tokenizer); nothing
 is fetched from a hub. ``/predictions`` answers ``{label: probability}``;
@@ -11,7 +12,9 @@ import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +24,20 @@ from explain_common import ExplainerFlow, Prepared, answer, answer_error, envelo
 from tsexplain.errors import ConfigError, RequestError
 from tsexplain.parsing import parse_text_request, resolve_target
 from tsexplain.settings import TextExplainSettings, TextModelSettings, load_section
-from tsexplain.text_attribution import LayerIGTextExplainer, render_html
+from tsexplain.text_attribution import render_html
+from tsexplain.text_methods import TEXT_METHODS, make_text_explainer
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class TextPrepared(Prepared):
+    contrast: Optional[int] = None  # class index to explain the target against
+
+
 class TextExplainer(ExplainerFlow, TextClassifier):
-    """Text classifier handler whose ``/explanations`` route serves Layer IG."""
+    """Text classifier handler whose ``/explanations`` route serves Layer IG,
+    gradient x input or word occlusion."""
 
     def initialize(self, context):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,23 +61,37 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         id2label = self.model.config.id2label
         self.labels = [str(id2label.get(i, i)) for i in range(self.model.config.num_labels)]
         settings = self.explain_settings
-        self.explainer = LayerIGTextExplainer(
-            self.model, self.tokenizer, layer=settings.layer, baseline=settings.baseline, n_steps=settings.n_steps,
-            integration_method=settings.integration_method, internal_batch_size=settings.internal_batch_size,
-            max_length=self.model_settings.max_length,
-        )
+        self.explainers = {
+            method: make_text_explainer(
+                method, self.model, self.tokenizer, layer=settings.layer, baseline=settings.baseline,
+                n_steps=settings.n_steps, integration_method=settings.integration_method,
+                internal_batch_size=settings.internal_batch_size, max_length=self.model_settings.max_length,
+                max_words=settings.occlusion_max_words,
+            )
+            for method in settings.methods
+        }
+        self.explainer = self.explainers[settings.method]  # the default method's
         self.max_length = self.explainer.max_length
         self.initialized = True
-        logger.info("Layer IG on %s, %d labels, max_length %d", self.explainer.layer_name, len(self.labels), self.max_length)
+        logger.info("text explanations %s (default %s) on %s, %d labels, max_length %d", ",".join(settings.methods),
+                    settings.method, self.explainer.layer_name, len(self.labels), self.max_length)
 
     def _parse(self, row):
         return parse_text_request(row, self.model_settings.max_text_chars, self.explain_settings.max_n_steps)
 
-    def _prepare(self, idx, request) -> Prepared:
-        method = self.explain_settings.method
-        if request.method not in (None, method):
-            raise RequestError(f"unknown method {request.method[:32]!r}; available: ['{method}']", "unknown_method")
-        return Prepared(idx, request, False, resolve_target(request.target, self.labels), request.text)
+    def _prepare(self, idx, request) -> TextPrepared:
+        settings = self.explain_settings
+        method = request.method or settings.method
+        if method not in TEXT_METHODS:
+            raise RequestError(f"unknown method {method[:32]!r}; known: {list(TEXT_METHODS)}", "unknown_method")
+        if method not in settings.methods:
+            raise RequestError(f"method {method!r} is not allowed for this model; allowed: {list(settings.methods)}",
+                               "method_not_allowed", 403)
+        target = resolve_target(request.target, self.labels)
+        contrast = resolve_target(request.contrast, self.labels, "contrast")
+        if contrast is not None and contrast == target:
+            raise RequestError("'contrast' must differ from 'target'", "bad_contrast")
+        return TextPrepared(idx, request, False, target, request.text, method=method, contrast=contrast)
 
     def _predict(self, texts: list[str]) -> torch.Tensor:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
@@ -75,26 +99,32 @@ class TextExplainer(ExplainerFlow, TextClassifier):
             logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
         return F.softmax(logits.float(), dim=1).cpu()
 
-    def _answer_batch(self, items: list[Prepared], answers: list) -> None:
+    def _answer_batch(self, items: list[TextPrepared], answers: list) -> None:
         probabilities = self._predict([item.inputs for item in items])
         settings = self.explain_settings
-        groups: dict[tuple[int, int], list[int]] = {}  # same n_steps and top_k: one batched call
+        groups: dict[tuple, list[int]] = {}  # same method and parameters: one batched call
+        errors: dict[int, RequestError] = {}
         for k, item in enumerate(items):
             if item.explain:
                 if item.target is None:
                     item.target = int(probabilities[k].argmax())
-                key = (item.request.n_steps or settings.n_steps, item.request.top_k or settings.top_k_words)
+                if item.contrast == item.target:  # the predicted class was asked as the contrast
+                    errors[k] = RequestError("'contrast' is the explained (predicted) class", "bad_contrast")
+                    continue
+                n_steps = (item.request.n_steps or settings.n_steps) if item.method == "layer_ig" else None
+                key = (item.method, n_steps, item.request.top_k or settings.top_k_words)
                 groups.setdefault(key, []).append(k)
-        explanations, failure = {}, None
+        explanations, failure = dict(errors), None
         began = time.perf_counter()
         try:
             if groups:
                 self.inject_fault()
-            for (n_steps, top_k), members in groups.items():
-                explanations.update(self._explain_group([items[k] for k in members], members, n_steps, top_k))
+            for (method, n_steps, top_k), members in groups.items():
+                explanations.update(self._explain_group([items[k] for k in members], members, method, n_steps, top_k))
         except Exception as exc:  # the explanation fails alone; predictions go on
-            logger.error("Layer IG failed: %s", type(exc).__name__)
-            self.count("ExplanationsFailed", sum(len(m) for m in groups.values()))
+            logger.error("text explanation failed: %s", type(exc).__name__)
+            for (method, _, _), members in groups.items():
+                self.count("ExplanationsFailed", len(members), method=method)
             failure = explanation_failed(exc)
         explain_ms = (time.perf_counter() - began) * 1000
 
@@ -102,35 +132,44 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         for k, item in enumerate(items):
             ranked = ranked_predictions(probabilities[k], self.labels, top_k)
             result = explanations.get(k)
-            if item.explain and (failure is not None or isinstance(result, RequestError)):
-                answers[item.idx] = answer_error(self.context, item.idx, result if failure is None else failure)
+            if item.explain and isinstance(result, RequestError) and (failure is None or k in errors):
+                answers[item.idx] = answer_error(self.context, item.idx, result)
+            elif item.explain and failure is not None:
+                answers[item.idx] = answer_error(self.context, item.idx, failure)
             elif item.explain:
                 explanation = self._explanation(item, result)
                 explanation["elapsed_ms"] = round(explain_ms, 2)
-                self.record_explanation(explain_ms, n_steps=result.n_steps)
+                self.record_explanation(explain_ms, method=item.method, n_steps=result.n_steps)
                 answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
             else:
                 answers[item.idx] = self.answer_prediction(item, ranked)
 
-    def _explain_group(self, group: list[Prepared], keys: list[int], n_steps: int, top_k: int) -> dict:
-        """Explanations (or per-request errors) for requests sharing n_steps and top_k."""
+    def _explain_group(self, group: list[TextPrepared], keys: list[int], method: str, n_steps, top_k: int) -> dict:
+        """Explanations (or per-request errors) for requests sharing method, n_steps and top_k."""
+        explainer = self.explainers[method]
+
+        def explain(members: list[TextPrepared]):
+            return explainer.explain([i.inputs for i in members], [i.target for i in members], n_steps=n_steps,
+                                     top_k=top_k, contrast=[i.contrast for i in members])
+
         try:
-            results = self.explainer.explain([i.inputs for i in group], [i.target for i in group], n_steps=n_steps, top_k=top_k)
-            return dict(zip(keys, results))
+            return dict(zip(keys, explain(group)))
         except RequestError:  # one bad text: explain one by one so only it fails
             out = {}
             for key, item in zip(keys, group):
                 try:
-                    out[key] = self.explainer.explain([item.inputs], [item.target], n_steps=n_steps, top_k=top_k)[0]
+                    out[key] = explain([item])[0]
                 except RequestError as error:
                     out[key] = error
             return out
 
-    def _explanation(self, item: Prepared, result) -> dict:
+    def _explanation(self, item: TextPrepared, result) -> dict:
         body = dataclasses.asdict(result)
-        body["integration"] = body.pop("method")  # the core's integration rule
-        body["method"] = self.explain_settings.method
+        body["integration"] = body.pop("method")  # the core's integration rule (None: no integration)
+        body["method"] = item.method
         body["target"] = {"index": result.target, "label": self.labels[result.target]}
+        if result.contrast is not None:
+            body["contrast"] = {"index": result.contrast, "label": self.labels[result.contrast]}
         want_html = item.request.html if item.request.html is not None else self.explain_settings.html
         if want_html:
             body["html"] = render_html(result.words, item.inputs)

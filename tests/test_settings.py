@@ -71,3 +71,18 @@ def test_unquoted_off_means_off():
 
     assert load_section(ImageExplainSettings, yaml.safe_load("policy: off"), "m", {}).policy == "off"
     assert load_section(ImageExplainSettings, {}, "m", {"TSEXPLAIN_POLICY": "off"}).policy == "off"
+
+
+def test_text_methods_allow_list():
+    from tsexplain.settings import TextExplainSettings
+
+    s = load_section(TextExplainSettings, {}, "m", {})
+    assert s.method == "layer_ig" and s.methods == ["layer_ig", "grad_x_input", "occlusion"]
+    s = load_section(TextExplainSettings, {"method": "occlusion"}, "m", {"TSEXPLAIN_M_METHODS": "[occlusion]"})
+    assert s.methods == ["occlusion"] and "contrast" in s.override_fields
+    for section, message in (({"methods": []}, "explain.methods"), ({"methods": ["lime"]}, "explain.methods"),
+                             ({"methods": ["occlusion"]}, "explain.method 'layer_ig'"),
+                             ({"method": "lime"}, "explain.method 'lime'"),
+                             ({"occlusion_max_words": 0}, "occlusion_max_words")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_section(TextExplainSettings, section, "m", {})

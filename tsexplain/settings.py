@@ -17,6 +17,7 @@ import yaml
 
 from .errors import ConfigError
 from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .text_methods import TEXT_METHODS
 
 T = TypeVar("T")
 ENV_PREFIX = "TSEXPLAIN"
@@ -233,14 +234,19 @@ class TextModelSettings:
 
 @dataclass(frozen=True)
 class TextExplainSettings(ExplainAccessSettings):
-    """The ``explain:`` section of a text model (Layer Integrated Gradients).
+    """The ``explain:`` section of a text model.
 
+    ``method``: the default method, one of ``methods``, the methods a request may
+    choose (``layer_ig``, ``grad_x_input``, ``occlusion``; default all: each one's
+    cost is bounded, by ``max_n_steps`` for Layer IG and ``occlusion_max_words``
+    for occlusion, and grad x input costs one backward pass).
     ``layer``: dotted module name; ``None`` uses ``get_input_embeddings()``.
     ``n_steps`` is the default; a request may ask for up to ``max_n_steps``.
     """
 
-    override_fields = ("target", "method", "n_steps", "top_k", "html")
+    override_fields = ("target", "method", "n_steps", "top_k", "html", "contrast")
     method: str = "layer_ig"
+    methods: list = field(default_factory=lambda: list(TEXT_METHODS))
     layer: Optional[str] = None
     baseline: str = "pad"
     n_steps: int = 50
@@ -249,10 +255,13 @@ class TextExplainSettings(ExplainAccessSettings):
     internal_batch_size: int = 64
     top_k_words: int = 5
     html: bool = False
+    occlusion_max_words: int = 256
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.method == "layer_ig", f"explain.method {self.method!r} is not supported; use 'layer_ig'")
+        _check(isinstance(self.methods, (list, tuple)) and self.methods and set(self.methods) <= set(TEXT_METHODS),
+               f"explain.methods must be a non-empty list drawn from {list(TEXT_METHODS)}")
+        _check(self.method in self.methods, f"explain.method {self.method!r} must be one of explain.methods {list(self.methods)}")
         _check(self.layer is None or (isinstance(self.layer, str) and self.layer), "explain.layer must be a dotted module name")
         _check(self.baseline in ("pad", "unk", "mask"), "explain.baseline must be one of ['pad', 'unk', 'mask']")
         _check(_is_int(self.max_n_steps, 1, 10_000), "explain.max_n_steps must be an int in [1, 10000]")
@@ -262,3 +271,4 @@ class TextExplainSettings(ExplainAccessSettings):
         _check(_is_int(self.internal_batch_size, 1, 1 << 20), "explain.internal_batch_size must be a positive int")
         _check(_is_int(self.top_k_words, 1, 1000), "explain.top_k_words must be an int in [1, 1000]")
         _check(isinstance(self.html, bool), "explain.html must be true or false")
+        _check(_is_int(self.occlusion_max_words, 1, 1 << 20), "explain.occlusion_max_words must be a positive int")

@@ -59,19 +59,22 @@ class TextExplanation:
     ``method`` is the captum integration method and ``n_steps`` its number of
     steps. ``convergence_delta`` is ``{"absolute": |sum(attr) - (F(x) - F(x'))|,
     "relative": absolute / max(|F(x) - F(x')|, 1e-12)}`` where ``F`` is the target
-    logit. ``truncated`` is True when the text did not fit in ``max_length`` tokens
-    and only its head was explained.
+    logit (minus the ``contrast`` logit when there is one). ``truncated`` is True
+    when the text did not fit in ``max_length`` tokens and only its head was
+    explained. Methods without integration (:mod:`tsexplain.text_methods`) set
+    ``n_steps``, ``method`` and ``convergence_delta`` to None.
     """
 
     target: int
-    layer: str
-    n_steps: int
-    method: str
+    layer: str | None
+    n_steps: int | None
+    method: str | None
     tokens: list[TokenAttribution]
     words: list[WordAttribution]
     top_words: list[WordAttribution]
-    convergence_delta: dict
+    convergence_delta: dict | None
     truncated: bool
+    contrast: int | None = None
 
 
 class LayerIGTextExplainer:
@@ -82,7 +85,10 @@ class LayerIGTextExplainer:
     Attributed function: the **logit** of the target class (not the softmax
     probability). Logits do not saturate, and a class's attributions do not depend
     on the other classes' scores as they would through the softmax; completeness
-    is checked against the logit difference.
+    is checked against the logit difference. With a ``contrast`` class it is
+    ``logit[target] - logit[contrast]`` ("why target rather than contrast"); IG is
+    linear in the attributed function, so this equals the difference of the two
+    classes' attributions.
 
     Baseline x': the same token sequence with the tokenizer-added special tokens
     ([CLS]/[SEP], <s>/</s>, ...) kept and every other token replaced by the PAD
@@ -179,6 +185,7 @@ class LayerIGTextExplainer:
         targets: list[int],
         n_steps: int | None = None,
         top_k: int = 5,
+        contrast: list[int | None] | None = None,
     ) -> list[TextExplanation]:
         """Explain ``targets[i]`` (a class index) for ``texts[i]``.
 
@@ -191,6 +198,8 @@ class LayerIGTextExplainer:
             targets: one class index per text.
             n_steps: overrides the explainer's ``n_steps`` for this call.
             top_k: number of words in ``top_words`` (largest ``|attribution|`` first).
+            contrast: None, or one class index (or None) per text: explain
+                ``logit[target] - logit[contrast]`` for that text.
 
         Returns:
             One :class:`TextExplanation` per text, in order. ``tokens`` excludes
@@ -199,28 +208,30 @@ class LayerIGTextExplainer:
         Raises:
             RequestError: ``kind="empty_text"`` for an empty, whitespace-only or
                 token-less text; ``kind="unknown_target"`` for a target outside
-                ``[0, num_labels)``; ``kind="bad_request"`` for other bad arguments.
+                ``[0, num_labels)``; ``kind="unknown_contrast"`` / ``"bad_contrast"``
+                for a contrast outside the labels / equal to its target;
+                ``kind="bad_request"`` for other bad arguments.
         """
         texts, targets, n_steps = self._check_request(texts, targets, n_steps, top_k)
+        contrast = self._check_contrast(contrast, targets)
         if not texts:
             return []
         enc, rows, truncated = self._tokenize(texts)
         device = _device(self.model)
         ids, attention_mask, token_type_ids, content = self._tensors(enc, rows, device)
         baseline_ids = ids.masked_fill(content.to(device), self.baseline_id)
+        classes = class_indices(targets, contrast, device)
         extra = (attention_mask,) if token_type_ids is None else (attention_mask, token_type_ids)
-        target_index = torch.tensor(targets, device=device).unsqueeze(1)
 
         modes = {module: module.training for module in self.model.modules()}
         self.model.eval()
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                lig = LayerIntegratedGradients(self._forward, self.layer)
+                lig = LayerIntegratedGradients(self._score, self.layer)
                 attributions = lig.attribute(
                     ids,
                     baselines=baseline_ids,
-                    target=targets,
-                    additional_forward_args=extra,
+                    additional_forward_args=(classes, *extra),
                     n_steps=n_steps,
                     method=self.integration_method,
                     internal_batch_size=(
@@ -228,8 +239,8 @@ class LayerIGTextExplainer:
                     ),
                 )
             with torch.inference_mode(False), torch.no_grad():
-                f_x = self._forward(ids, *extra).gather(1, target_index).squeeze(1)
-                f_baseline = self._forward_path_start(ids, baseline_ids, extra).gather(1, target_index).squeeze(1)
+                f_x = class_score(self._forward(ids, *extra), classes)
+                f_baseline = class_score(self._forward_path_start(ids, baseline_ids, extra), classes)
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -264,6 +275,7 @@ class LayerIGTextExplainer:
                     top_words=sorted(words, key=lambda w: -abs(w.attribution))[:top_k],
                     convergence_delta={"absolute": float(absolute[i]), "relative": float(relative[i])},
                     truncated=truncated[i],
+                    contrast=contrast[i],
                 )
             )
         return results
@@ -289,6 +301,23 @@ class LayerIGTextExplainer:
             raise RequestError("top_k must be a non-negative integer", kind="bad_request")
         n_steps = self.n_steps if n_steps is None else _check_n_steps(n_steps, RequestError)
         return list(texts), list(targets), n_steps
+
+    def _check_contrast(self, contrast, targets):
+        """One contrast class (or None) per text; never the text's own target."""
+        if contrast is None:
+            return [None] * len(targets)
+        if not isinstance(contrast, (list, tuple)) or len(contrast) != len(targets):
+            raise RequestError("need one contrast (or None) per text", kind="bad_request")
+        for c, target in zip(contrast, targets):
+            if c is None:
+                continue
+            if not isinstance(c, int) or isinstance(c, bool):
+                raise RequestError("contrasts must be integers", kind="bad_contrast")
+            if c < 0 or (self.num_labels is not None and c >= self.num_labels):
+                raise RequestError(f"contrast {c} is outside [0, {self.num_labels})", kind="unknown_contrast")
+            if c == target:
+                raise RequestError(f"contrast {c} is the target itself", kind="bad_contrast")
+        return list(contrast)
 
     def _tokenize(self, texts):
         """Encode with truncation; overflow rows tell which texts did not fit."""
@@ -346,6 +375,10 @@ class LayerIGTextExplainer:
             return out.logits
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def _score(self, input_ids, classes, *extra):
+        """The attributed function, one value per row (see :func:`class_score`)."""
+        return class_score(self._forward(input_ids, *extra), classes)
+
     def _forward_path_start(self, ids, baseline_ids, extra):
         """Logits of ``ids`` with the layer output replaced by that of ``baseline_ids``."""
         captured = []
@@ -359,6 +392,60 @@ class LayerIGTextExplainer:
             return self._forward(ids, *extra)
         finally:
             handle.remove()
+
+
+def class_indices(targets: list[int], contrast: list[int | None], device=None) -> torch.Tensor:
+    """``(batch, 2)`` long tensor: target class, contrast class or -1 for none."""
+    rows = [[t, -1 if c is None else c] for t, c in zip(targets, contrast)]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def class_score(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Per row: ``logits[target]``, minus ``logits[contrast]`` where the row has one.
+
+    ``classes`` comes from :func:`class_indices`. A tensor (not captum's
+    ``target``) so that captum expands and slices it with the batch like any other
+    forward argument, in every attribution method.
+    """
+    target = logits.gather(1, classes[:, :1]).squeeze(1)
+    contrast = logits.gather(1, classes[:, 1:].clamp_min(0)).squeeze(1)
+    return torch.where(classes[:, 1] >= 0, target - contrast, target)
+
+
+def word_pieces(
+    text: str, offsets: list[tuple[int, int]], word_ids: list[int | None] | None
+) -> list[tuple[int, int, list[int]]]:
+    """Words of ``text`` as ``(start, end, piece indices)`` by the rule of
+    :func:`aggregate_words`: a word's attribution is the sum over these pieces,
+    and every piece belongs to exactly one word (when there is a word at all)."""
+    n = len(offsets)
+    if word_ids is not None and len(word_ids) != n:
+        raise ValueError("offsets and word_ids must have the same length")
+    word_ids = [None] * n if word_ids is None else word_ids
+    groups = []  # [start, end, pieces, word_id] per word
+    carried = []
+    for index, ((start, end), word_id) in enumerate(zip(offsets, word_ids)):
+        start, end = _trim(text, start, end)
+        last = groups[-1] if groups else None
+        if start == end:
+            if last is not None and word_id is not None and word_id == last[3]:
+                last[2].append(index)
+            else:
+                carried.append(index)
+            continue
+        if last is not None and _same_word(text, last, start, word_id):
+            last[0], last[1] = min(last[0], start), max(last[1], end)
+            last[2].append(index)
+            last[3] = word_id
+        else:
+            groups.append([start, end, carried + [index], word_id])
+            carried = []
+    if groups:
+        groups[-1][2].extend(carried)
+    for group, following in zip(groups, groups[1:] + [[len(text)]]):
+        while group[1] < following[0] and _is_mark(text[group[1]]):
+            group[1] += 1
+    return [(s, e, sorted(pieces)) for s, e, pieces, _ in groups]
 
 
 def aggregate_words(
@@ -392,34 +479,12 @@ def aggregate_words(
     smallest start to the largest end of its pieces' trimmed spans and its text is
     ``text[start:end]``.
     """
-    n = len(offsets)
-    if len(token_attributions) != n or (word_ids is not None and len(word_ids) != n):
+    if len(token_attributions) != len(offsets):
         raise ValueError("offsets, word_ids and token_attributions must have the same length")
-    word_ids = [None] * n if word_ids is None else word_ids
-    groups = []  # [start, end, attribution, word_id] per word
-    carried = 0.0
-    for (start, end), word_id, value in zip(offsets, word_ids, token_attributions):
-        start, end = _trim(text, start, end)
-        last = groups[-1] if groups else None
-        if start == end:
-            if last is not None and word_id is not None and word_id == last[3]:
-                last[2] += value
-            else:
-                carried += value
-            continue
-        if last is not None and _same_word(text, last, start, word_id):
-            last[0], last[1] = min(last[0], start), max(last[1], end)
-            last[2] += value
-            last[3] = word_id
-        else:
-            groups.append([start, end, value + carried, word_id])
-            carried = 0.0
-    if groups:
-        groups[-1][2] += carried
-    for group, following in zip(groups, groups[1:] + [[len(text)]]):
-        while group[1] < following[0] and _is_mark(text[group[1]]):
-            group[1] += 1
-    return [WordAttribution(text[s:e], s, e, float(a)) for s, e, a, _ in groups]
+    return [
+        WordAttribution(text[s:e], s, e, float(sum(token_attributions[i] for i in pieces)))
+        for s, e, pieces in word_pieces(text, offsets, word_ids)
+    ]
 
 
 def render_html(words: list[WordAttribution], text: str) -> str:
