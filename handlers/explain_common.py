@@ -38,6 +38,7 @@ class Prepared:
     original: Any = None  # what the input was made from (the decoded image)
     skipped: Optional[str] = None  # why an asked-for explanation was denied (on_denied: predict)
     method: Optional[str] = None  # the explanation method of this request (None: the model's default)
+    contrast: Optional[int] = None  # class index to explain the target against
 
 
 def is_explain_request(context, idx: int) -> bool:

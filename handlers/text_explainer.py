@@ -12,9 +12,7 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +28,9 @@ from tsexplain.text_methods import TEXT_METHODS, make_text_explainer
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class TextPrepared(Prepared):
-    contrast: Optional[int] = None  # class index to explain the target against
+# TorchServe's loader accepts exactly one class defined in a handler module, so the
+# text requests use explain_common's Prepared (which carries ``contrast``) under this name.
+TextPrepared = Prepared
 
 
 class TextExplainer(ExplainerFlow, TextClassifier):

@@ -176,3 +176,13 @@ def test_text_highlighting_token_and_priority(server):
     plain = run_client(guarded, cwd=server.workdir, env={"CLIENT_TEST_SECRET": SECRET, "NO_COLOR": "1"})
     assert "\x1b[" not in plain.stdout
     assert f"[+{REVIEW[top['start']:top['end']]}]" in plain.stdout
+
+    # method and contrast reach the server as given
+    contrastive = run_client(guarded + ["--method", "grad_x_input", "--contrast", "negative", "--target", "positive",
+                                        "--json"], cwd=server.workdir, env={"CLIENT_TEST_SECRET": SECRET})
+    assert contrastive.returncode == 0, contrastive.stderr
+    explanation = json.loads(contrastive.stdout)["explanation"]
+    assert explanation["method"] == "grad_x_input" and "negative" in json.dumps(explanation["contrast"])
+    same = run_client(guarded + ["--contrast", "positive", "--target", "positive"], cwd=server.workdir,
+                      env={"CLIENT_TEST_SECRET": SECRET})
+    assert same.returncode == 1 and "400 bad_contrast" in same.stderr
