@@ -7,6 +7,7 @@ handler's ``_answer_batch``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any, Optional
 from ts.metrics.dimension import Dimension
 
 from tsexplain import kserve
+from tsexplain.cache import ExplanationCache, cache_key, fingerprint_files, model_version
 from tsexplain.errors import RequestError
 from tsexplain.parsing import request_body
 from tsexplain.policy import EXPLANATIONS_ROUTE_MARKER, ExplanationGate, load_secret, lower_case_headers
@@ -38,7 +40,7 @@ class Prepared:
     original: Any = None  # what the input was made from (the decoded image)
     skipped: Optional[str] = None  # why an asked-for explanation was denied (on_denied: predict)
     method: Optional[str] = None  # the explanation method of this request (None: the model's default)
-    contrast: Optional[int] = None  # class index to explain the target against
+    contrast: Optional[int] = None  # class index to explain against (None: no contrast)
 
 
 def is_explain_request(context, idx: int) -> bool:
@@ -150,6 +152,38 @@ class ExplainerFlow:
         logger.info("explanations: policy=%s on_denied=%s token=%s max_per_batch=%s routes=%s",
                     s.policy if s.enabled else "off", s.on_denied, "required" if secret is not None else "none",
                     s.max_per_batch, ",".join(s.routes))
+
+    cache = ExplanationCache(0, 0)  # off until _init_cache
+    model_version = None
+
+    def _init_cache(self, context) -> None:
+        """The explanation cache (``explain.cache_mb``, ``cache_entries``) and the model
+        version its keys carry: the MAR's model version and a hash of the MAR's files."""
+        s = self.explain_settings
+        self.cache = ExplanationCache(int(s.cache_mb * 2**20), s.cache_entries)
+        self.model_version = None
+        if self.cache.enabled:
+            began = time.perf_counter()
+            fingerprint = fingerprint_files(context.system_properties.get("model_dir"))
+            self.model_version = model_version(context.manifest, fingerprint)
+            # every setting is part of the key: env overrides change answers without changing the MAR
+            self._settings_key = {"handler": dataclasses.asdict(self.model_settings), "explain": dataclasses.asdict(s)}
+            logger.info("explanation cache: %s MB, %d entries, model version %s (hashed in %.0f ms)", s.cache_mb,
+                        s.cache_entries, self.model_version, (time.perf_counter() - began) * 1000)
+
+    def explanation_key(self, data: bytes, method: str, target: int, params: dict) -> Optional[str]:
+        """The cache key of an explanation (None when the cache is off)."""
+        if not self.cache.enabled:
+            return None
+        return cache_key(data, self.model_version, method, target, {"settings": self._settings_key, "request": params})
+
+    def cached_explanation(self, key: Optional[str], method: Optional[str] = None) -> Optional[dict]:
+        """The cached explanation under ``key`` (a fresh copy) or None; counts the hit or miss."""
+        if key is None:
+            return None
+        found = self.cache.get(key)
+        self.count("ExplanationCacheHits" if found is not None else "ExplanationCacheMisses", method=method)
+        return found
 
     def handle(self, data, context):
         start = time.perf_counter()

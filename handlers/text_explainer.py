@@ -22,15 +22,13 @@ from explain_common import ExplainerFlow, Prepared, answer, answer_error, envelo
 from tsexplain.errors import ConfigError, RequestError
 from tsexplain.parsing import parse_text_request, resolve_target
 from tsexplain.settings import TextExplainSettings, TextModelSettings, load_section
-from tsexplain.text_attribution import render_html
+from tsexplain.text_attribution import DEFAULT_INTERNAL_BATCH_SIZE, AdaptiveSteps, render_html
 from tsexplain.text_methods import TEXT_METHODS, make_text_explainer
 
 logger = logging.getLogger(__name__)
 
-
-# TorchServe's loader accepts exactly one class defined in a handler module, so the
-# text requests use explain_common's Prepared (which carries ``contrast``) under this name.
-TextPrepared = Prepared
+# TorchServe's loader wants exactly one class defined in a handler module: the
+# contrast rides on explain_common.Prepared.
 
 
 class TextExplainer(ExplainerFlow, TextClassifier):
@@ -59,17 +57,23 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         id2label = self.model.config.id2label
         self.labels = [str(id2label.get(i, i)) for i in range(self.model.config.num_labels)]
         settings = self.explain_settings
-        self.explainers = {
-            method: make_text_explainer(
-                method, self.model, self.tokenizer, layer=settings.layer, baseline=settings.baseline,
-                n_steps=settings.n_steps, integration_method=settings.integration_method,
-                internal_batch_size=settings.internal_batch_size, max_length=self.model_settings.max_length,
-                max_words=settings.occlusion_max_words,
+        self.explainers = {}
+        for method in settings.methods:
+            options = dict(
+                layer=settings.layer, baseline=settings.baseline, n_steps=settings.n_steps,
+                integration_method=settings.integration_method, internal_batch_size=settings.internal_batch_size,
+                max_length=self.model_settings.max_length, max_words=settings.occlusion_max_words,
             )
-            for method in settings.methods
-        }
+            if method == "layer_ig":  # the integration's speed settings
+                options.update(precision=settings.precision, memory_budget_mb=settings.memory_budget_mb,
+                               adaptive=AdaptiveSteps(settings.adaptive_start, settings.adaptive_max,
+                                                      settings.max_relative_delta))
+            elif settings.internal_batch_size == "auto":  # measured for the integration only
+                options["internal_batch_size"] = DEFAULT_INTERNAL_BATCH_SIZE
+            self.explainers[method] = make_text_explainer(method, self.model, self.tokenizer, **options)
         self.explainer = self.explainers[settings.method]  # the default method's
         self.max_length = self.explainer.max_length
+        self._init_cache(context)
         self.initialized = True
         logger.info("text explanations %s (default %s) on %s, %d labels, max_length %d", ",".join(settings.methods),
                     settings.method, self.explainer.layer_name, len(self.labels), self.max_length)
@@ -77,7 +81,7 @@ class TextExplainer(ExplainerFlow, TextClassifier):
     def _parse(self, row):
         return parse_text_request(row, self.model_settings.max_text_chars, self.explain_settings.max_n_steps)
 
-    def _prepare(self, idx, request) -> TextPrepared:
+    def _prepare(self, idx, request) -> Prepared:
         settings = self.explain_settings
         method = request.method or settings.method
         if method not in TEXT_METHODS:
@@ -89,7 +93,7 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         contrast = resolve_target(request.contrast, self.labels, "contrast")
         if contrast is not None and contrast == target:
             raise RequestError("'contrast' must differ from 'target'", "bad_contrast")
-        return TextPrepared(idx, request, False, target, request.text, method=method, contrast=contrast)
+        return Prepared(idx, request, False, target, request.text, method=method, contrast=contrast)
 
     def _predict(self, texts: list[str]) -> torch.Tensor:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
@@ -97,11 +101,13 @@ class TextExplainer(ExplainerFlow, TextClassifier):
             logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
         return F.softmax(logits.float(), dim=1).cpu()
 
-    def _answer_batch(self, items: list[TextPrepared], answers: list) -> None:
+    def _answer_batch(self, items: list[Prepared], answers: list) -> None:
         probabilities = self._predict([item.inputs for item in items])
         settings = self.explain_settings
         groups: dict[tuple, list[int]] = {}  # same method and parameters: one batched call
         errors: dict[int, RequestError] = {}
+        began = time.perf_counter()
+        hits, cache_keys = {}, {}
         for k, item in enumerate(items):
             if item.explain:
                 if item.target is None:
@@ -111,7 +117,16 @@ class TextExplainer(ExplainerFlow, TextClassifier):
                     continue
                 n_steps = (item.request.n_steps or settings.n_steps) if item.method == "layer_ig" else None
                 key = (item.method, n_steps, item.request.top_k or settings.top_k_words)
-                groups.setdefault(key, []).append(k)
+                cache_keys[k] = self.explanation_key(
+                    item.inputs.encode("utf-8"), item.method, item.target,
+                    {"n_steps": n_steps, "top_k": key[2], "html": self._wants_html(item), "contrast": item.contrast},
+                )
+                found = self.cached_explanation(cache_keys[k], item.method)
+                if found is not None:
+                    hits[k] = found
+                else:
+                    groups.setdefault(key, []).append(k)
+        lookup_ms = (time.perf_counter() - began) * 1000
         explanations, failure = dict(errors), None
         began = time.perf_counter()
         try:
@@ -130,23 +145,31 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         for k, item in enumerate(items):
             ranked = ranked_predictions(probabilities[k], self.labels, top_k)
             result = explanations.get(k)
-            if item.explain and isinstance(result, RequestError) and (failure is None or k in errors):
+            if item.explain and k in hits:
+                explanation = hits[k]
+                explanation.update(cached=True, elapsed_ms=round(lookup_ms, 2))
+                self.record_explanation(lookup_ms, method=item.method, n_steps=explanation["n_steps"], cached=True)
+                answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
+            elif item.explain and isinstance(result, RequestError) and (failure is None or k in errors):
                 answers[item.idx] = answer_error(self.context, item.idx, result)
             elif item.explain and failure is not None:
                 answers[item.idx] = answer_error(self.context, item.idx, failure)
             elif item.explain:
                 explanation = self._explanation(item, result)
+                if cache_keys.get(k) is not None:
+                    self.cache.put(cache_keys[k], explanation)
+                explanation["cached"] = False
                 explanation["elapsed_ms"] = round(explain_ms, 2)
                 self.record_explanation(explain_ms, method=item.method, n_steps=result.n_steps)
                 answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
             else:
                 answers[item.idx] = self.answer_prediction(item, ranked)
 
-    def _explain_group(self, group: list[TextPrepared], keys: list[int], method: str, n_steps, top_k: int) -> dict:
+    def _explain_group(self, group: list[Prepared], keys: list[int], method: str, n_steps, top_k: int) -> dict:
         """Explanations (or per-request errors) for requests sharing method, n_steps and top_k."""
         explainer = self.explainers[method]
 
-        def explain(members: list[TextPrepared]):
+        def explain(members: list[Prepared]):
             return explainer.explain([i.inputs for i in members], [i.target for i in members], n_steps=n_steps,
                                      top_k=top_k, contrast=[i.contrast for i in members])
 
@@ -161,14 +184,16 @@ class TextExplainer(ExplainerFlow, TextClassifier):
                     out[key] = error
             return out
 
-    def _explanation(self, item: TextPrepared, result) -> dict:
+    def _explanation(self, item: Prepared, result) -> dict:
         body = dataclasses.asdict(result)
         body["integration"] = body.pop("method")  # the core's integration rule (None: no integration)
         body["method"] = item.method
         body["target"] = {"index": result.target, "label": self.labels[result.target]}
         if result.contrast is not None:
             body["contrast"] = {"index": result.contrast, "label": self.labels[result.contrast]}
-        want_html = item.request.html if item.request.html is not None else self.explain_settings.html
-        if want_html:
+        if self._wants_html(item):
             body["html"] = render_html(result.words, item.inputs)
         return body
+
+    def _wants_html(self, item: Prepared) -> bool:
+        return item.request.html if item.request.html is not None else self.explain_settings.html

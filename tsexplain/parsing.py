@@ -16,7 +16,8 @@ from .images import decode_base64
 from .settings import HEATMAP_SIZES, IMAGE_OUTPUTS
 
 Target = Union[int, str, None]  # index, label, or None for the predicted class
-IMAGE_FIELDS = {"data", "target", "method", "outputs", "heatmap_size", "top_k", "priority"}
+IMAGE_FIELDS = {"data", "target", "contrast", "method", "n_steps", "outputs", "heatmap_size", "top_k", "priority"}
+MAX_N_STEPS = 10_000  # the hard bound; each model's explain.max_n_steps is checked by its handler
 TEXT_FIELDS = {"data", "target", "contrast", "method", "n_steps", "top_k", "html", "priority"}
 
 
@@ -26,6 +27,8 @@ class ImageRequest:
     target: Target = None
     method: Optional[str] = None
     outputs: Optional[tuple[str, ...]] = None
+    contrast: Target = None  # a class to explain against: "why target rather than contrast"
+    n_steps: Optional[int] = None
     heatmap_size: Optional[str] = None
     top_k: Optional[int] = None
     priority: Optional[str] = None
@@ -130,6 +133,8 @@ def parse_image_request(row: Mapping[str, Any]) -> ImageRequest:
         target=parse_target(options.get("target")),
         method=_optional_str(options, "method"),
         outputs=outputs,
+        contrast=parse_target(options.get("contrast"), "contrast"),
+        n_steps=_optional_int(options, "n_steps", 1, MAX_N_STEPS),
         heatmap_size=heatmap_size,
         top_k=_optional_int(options, "top_k", 1, 1000),
         priority=_optional_str(options, "priority"),
