@@ -38,7 +38,7 @@ from pathlib import Path
 
 from benchmarks import models as bench_models
 from benchmarks import report
-from tsexplain.launcher import TorchServe, free_port
+from tsexplain.launcher import TorchServe
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPLAIN_TOKEN = "bench-explain-token"
@@ -329,9 +329,7 @@ def run_model(name: str, profile: str, work: Path, warmup: int | None = None) ->
     print(f"[bench] {name}: staged in {time.perf_counter() - began:.0f}s", flush=True)
     env = {bench_models.EXPLAIN_TOKEN_ENV: EXPLAIN_TOKEN}
     properties = {"max_response_size": str(64 << 20), "max_request_size": str(64 << 20),
-                  "default_response_timeout": "600",
-                  # gRPC's default ports 7070/7071 may be taken by another TorchServe: free ones
-                  "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
+                  "default_response_timeout": "600"}
     began = time.perf_counter()
     with TorchServe(store, model.variants(), work / f"ts-{name}", properties=properties, env=env) as ts:
         print(f"[bench] {name}: TorchServe ready in {time.perf_counter() - began:.0f}s", flush=True)

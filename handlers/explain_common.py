@@ -11,15 +11,18 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ts.metrics.dimension import Dimension
 
+from tsexplain import kserve
 from tsexplain.cache import ExplanationCache, cache_key, fingerprint_files, model_version
 from tsexplain.errors import RequestError
-from tsexplain.policy import ExplanationGate, load_secret, lower_case_headers
+from tsexplain.parsing import request_body
+from tsexplain.policy import EXPLANATIONS_ROUTE_MARKER, ExplanationGate, load_secret, lower_case_headers
 
 logger = logging.getLogger(__name__)
 JSON_CONTENT_TYPE = "application/json"
@@ -81,6 +84,57 @@ def envelope(ranked, explanation: Optional[dict], skipped: Optional[str] = None)
     return body
 
 
+class UnitResponses:
+    """Stands in for the TorchServe context while the handler answers the units of
+    a batch (plain requests and KServe instances): statuses are recorded per unit,
+    everything else goes to the real context."""
+
+    def __init__(self, context):
+        self._context = context
+        self.statuses: dict[int, tuple[int, str]] = {}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.statuses[idx] = (code, phrase)
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        pass  # every answer is JSON
+
+    def status(self, idx: int) -> int:
+        return self.statuses.get(idx, (200, ""))[0]
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
+KSERVE_ENVELOPES = ("KServeEnvelope", "KServev2Envelope")
+
+
+def adopt_envelope(handler) -> None:
+    """Make TorchServe's stock KServe envelope (``service_envelope=kserve`` or
+    ``kservev2`` in config.properties) pass requests through unchanged.
+
+    The stock envelopes read the first request of a batch only and wrap the
+    handler's answers into one response; the handler reads KServe bodies itself,
+    request by request and instance by instance (``tsexplain.kserve``). TorchServe
+    0.12 builds the envelope around ``handler.handle`` in ``TsModelLoader.load``
+    before it calls ``initialize``; the envelope is found there, on the stack.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        envelope_instance = frame.f_locals.get("envelope_instance")
+        wrapped = getattr(getattr(envelope_instance, "_handle_fn", None), "__self__", None)
+        if wrapped is handler:
+            name = type(envelope_instance).__name__
+            if name in KSERVE_ENVELOPES:
+                envelope_instance.parse_input = lambda rows: rows
+                envelope_instance.format_output = lambda answers: answers
+                logger.info("service envelope %s: requests pass through; the handler reads KServe v1/v2 bodies", name)
+            else:
+                logger.warning("service envelope %s wraps the handler; its format is not the handler's", name)
+            return
+        frame = frame.f_back
+
+
 class ExplainerFlow:
     """Mixin for the handlers: per-request parsing, policy and answers.
 
@@ -90,6 +144,7 @@ class ExplainerFlow:
     """
 
     def _init_access(self) -> None:
+        adopt_envelope(self)
         s = self.explain_settings
         secret = load_secret(s.token_env, s.token_file, os.environ)
         self.gate = ExplanationGate(s.enabled, s.policy, s.priority_header, s.priority_values, s.on_denied,
@@ -132,14 +187,28 @@ class ExplainerFlow:
 
     def handle(self, data, context):
         start = time.perf_counter()
-        self.context = context
-        answers: list = [None] * len(data)
-        items, granted = [], 0
+        self.context = responses = UnitResponses(context)
+        final: list = [None] * len(data)
+        units, kserve_rows = [], {}  # units: (row index, request body); KServe rows: {row: (request, units)}
         for idx, row in enumerate(data):
+            try:
+                request = self._kserve_request(context, idx, row)
+            except RequestError as error:
+                final[idx] = answer(context, idx, kserve.error_entry(error.to_json()), error.status)
+                continue
+            if request is None:
+                units.append((idx, row))
+            else:
+                kserve_rows[idx] = (request, range(len(units), len(units) + len(request.instances)))
+                units.extend((idx, {"body": instance}) for instance in request.instances)
+
+        answers: list = [None] * len(units)
+        items, granted = [], 0
+        for unit, (idx, row) in enumerate(units):
             try:
                 request = self._parse(row)
                 self._check_overrides(request)
-                item = self._prepare(idx, request)
+                item = self._prepare(unit, request)
                 if is_explain_request(context, idx):
                     headers = lower_case_headers(context.get_all_request_header(idx))
                     decision = self.gate.decide(headers, request.priority, granted)
@@ -153,12 +222,57 @@ class ExplainerFlow:
                         item.skipped = decision.reason
                 items.append(item)
             except RequestError as error:
-                answers[idx] = answer_error(context, idx, error)
+                answers[unit] = answer_error(responses, unit, error)
         if items:
             self._answer_batch(items, answers)
+
+        plain = iter(u for u, (idx, _) in enumerate(units) if idx not in kserve_rows)
+        for idx in range(len(data)):
+            if final[idx] is not None:
+                continue
+            if idx in kserve_rows:
+                request, members = kserve_rows[idx]
+                final[idx] = self._kserve_answer(context, idx, request, [(responses.status(u), answers[u])
+                                                                         for u in members])
+            else:
+                unit = next(plain)
+                code, phrase = responses.statuses.get(unit, (200, "OK"))
+                context.set_response_status(code, phrase, idx)
+                context.set_response_content_type(idx, JSON_CONTENT_TYPE)
+                final[idx] = answers[unit]
         logger.info("batch size=%d explained=%d", len(data), granted)
+        if kserve_rows:
+            logger.info("kserve requests=%d instances=%d", len(kserve_rows), sum(len(m) for _, m in kserve_rows.values()))
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
-        return answers
+        return final
+
+    def _kserve_request(self, context, idx: int, row) -> "Optional[kserve.KServeRequest]":
+        """The KServe request in row ``idx``, or ``None`` for a plain request.
+
+        Only rows without TorchServe's ``url_path`` header (the KServe and legacy
+        routes) are read as KServe; ``/predictions`` and ``/explanations`` keep
+        the plain protocol with or without a ``service_envelope``.
+        """
+        if EXPLANATIONS_ROUTE_MARKER in lower_case_headers(context.get_all_request_header(idx)):
+            return None
+        try:
+            body = request_body(row)
+        except RequestError:
+            return None
+        obj = kserve.detect(body)
+        if obj is None:
+            return None
+        return kserve.split_request(obj, self.explain_settings.max_instances)
+
+    def _kserve_answer(self, context, idx: int, request, results) -> str:
+        """One KServe response for row ``idx`` from its instances' (status, JSON) answers."""
+        entries = [json.loads(body) if status == 200 else kserve.error_entry(json.loads(body))
+                   for status, body in results]
+        model = (getattr(context, "manifest", None) or {}).get("model") or {}
+        body = kserve.response(request, is_explain_request(context, idx), entries,
+                               request_id=context.get_request_id(idx) or "",
+                               model_name=context.model_name, model_version=model.get("modelVersion"))
+        return answer(context, idx, body, kserve.overall_status([status for status, _ in results]))
 
     def answer_prediction(self, item: Prepared, ranked) -> str:
         """The answer of a request that gets no explanation: the stock ``{label: p}``

@@ -47,3 +47,16 @@ if [ -z "$major" ] || [ "$major" -lt 17 ]; then
   fi
 fi
 echo "[setup] Java $major, $(.venv/bin/python -c 'import torch, ts; print("torch", torch.__version__, "| torchserve", ts.__version__)')"
+
+# Chromium for the viewer's browser test (tests/test_viewer_browser.py skips, saying why, without it).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing chromium (Debian package) for the viewer's browser test"
+    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >.venv/apt-chromium.log 2>&1; then
+      echo "[setup] warning: installing chromium failed (log: .venv/apt-chromium.log); the browser test will be skipped"
+    fi
+  else
+    echo "[setup] no chromium, and apt-get needs root: the viewer's browser test will be skipped" \
+         "(install it with: sudo apt-get install chromium)"
+  fi
+fi

@@ -61,6 +61,10 @@ class TorchServe:
             "inference_address": self.inference_url,
             "management_address": self.management_url,
             "metrics_address": self.metrics_url,
+            # TorchServe also opens gRPC ports (7070, 7071 by default): free ones, so that
+            # several instances can run side by side.
+            "grpc_inference_port": str(free_port()),
+            "grpc_management_port": str(free_port()),
             "model_store": str(self.model_store),
             "load_models": ",".join(f"{name}={mar}" for name, mar in self.models.items()),
             "default_workers_per_model": "1",
@@ -94,7 +98,8 @@ class TorchServe:
                     self.keys = json.loads(key_file.read_text())
                 except json.JSONDecodeError:
                     pass
-            if self.keys and all(self.model_ready(name) for name in self.models):
+            token_auth = str(self.properties.get("disable_token_authorization", "false")).lower() != "true"
+            if (self.keys or not token_auth) and all(self.model_ready(name) for name in self.models):
                 return
             time.sleep(0.5)
         raise TimeoutError(f"TorchServe not ready after {timeout}s; see {self.workdir / 'logs'}")

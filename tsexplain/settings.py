@@ -96,6 +96,7 @@ class ExplainAccessSettings:
     ``routes``: ``explanations`` (``/explanations/{model}``) and ``kserve`` (the
     KServe explain routes, and any request marked ``explain: True`` by its client
     on the legacy routes, which TorchServe cannot tell apart).
+    ``max_instances``: the most instances one KServe v1/v2 request may carry.
     """
 
     section = "explain"
@@ -109,6 +110,7 @@ class ExplainAccessSettings:
     max_per_batch: Optional[int] = None
     request_overrides: Optional[list] = None  # None: every override field
     routes: list = field(default_factory=lambda: ["explanations", "kserve"])
+    max_instances: int = 64  # instances in one KServe v1/v2 request
     inject_fault: Optional[str] = None  # tests only: "error" or "oom" makes every explanation fail
     cache_mb: float = 32  # explanation cache per worker (0: off); see docs/design.md
     cache_entries: int = 4096
@@ -135,6 +137,7 @@ class ExplainAccessSettings:
         _check(isinstance(self.routes, (list, tuple)) and "explanations" in self.routes
                and set(self.routes) <= {"explanations", "kserve"},
                "explain.routes must be [explanations] or [explanations, kserve]")
+        _check(_is_int(self.max_instances, 1, 4096), "explain.max_instances must be an int in [1, 4096]")
         _check(self.inject_fault in (None, "error", "oom"), "explain.inject_fault must be null, error or oom")
         _check(isinstance(self.cache_mb, (int, float)) and not isinstance(self.cache_mb, bool)
                and 0 <= self.cache_mb <= 1 << 20, "explain.cache_mb must be a number in [0, 1048576] (0: off)")
