@@ -77,30 +77,32 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
     def _answer_batch(self, items: list[Prepared], answers: list) -> None:
         batch = torch.stack([item.inputs for item in items]).to(self.device)
         explained = [k for k, item in enumerate(items) if item.explain]
-        heatmaps, targets, failure = {}, {}, None
+        heatmaps, targets, failure, late = {}, {}, None, {}
         explain_ms = 0.0
+        logits = None
         if explained:
             began = time.perf_counter()
             try:
                 self.inject_fault()
-                out = self.gradcam.attribute(batch, [items[k].target for k in explained], explained)
-                logits = out.logits
-                heatmaps = dict(zip(explained, out.heatmaps))
-                targets = dict(zip(explained, out.targets))
+                done, out, late = self.within_deadlines(
+                    explained, items, lambda rows: self.gradcam.attribute(batch, [items[k].target for k in rows], rows))
+                if out is not None:
+                    logits = out.logits
+                    heatmaps = dict(zip(done, out.heatmaps))
+                    targets = dict(zip(done, out.targets))
             except Exception as exc:  # the explanation fails alone; predictions go on
                 logger.error("Grad-CAM failed: %s", type(exc).__name__)
                 self.count("ExplanationsFailed", len(explained))
                 failure = explanation_failed(exc)
-                logits = self.inference(batch)
             explain_ms = (time.perf_counter() - began) * 1000
-        else:
+        if logits is None:  # no explanation ran to the end
             logits = self.inference(batch)
         probabilities = F.softmax(logits.float(), dim=1).cpu()
 
         for k, item in enumerate(items):
             ranked = ranked_predictions(probabilities[k], self.labels, item.request.top_k or self.topk)
-            if item.explain and failure is not None:
-                answers[item.idx] = answer_error(self.context, item.idx, failure)
+            if item.explain and (failure is not None or k in late):
+                answers[item.idx] = answer_error(self.context, item.idx, late.get(k, failure))
             elif item.explain:
                 began = time.perf_counter()
                 explanation = self._explanation(item, heatmaps[k], targets[k])

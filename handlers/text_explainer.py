@@ -85,25 +85,27 @@ class TextExplainer(ExplainerFlow, TextClassifier):
                     item.target = int(probabilities[k].argmax())
                 key = (item.request.n_steps or settings.n_steps, item.request.top_k or settings.top_k_words)
                 groups.setdefault(key, []).append(k)
-        explanations, failure = {}, None
+        explanations = {}
         began = time.perf_counter()
-        try:
-            if groups:
+        for (n_steps, top_k), members in groups.items():  # each group fails or times out alone
+            try:
                 self.inject_fault()
-            for (n_steps, top_k), members in groups.items():
-                explanations.update(self._explain_group([items[k] for k in members], members, n_steps, top_k))
-        except Exception as exc:  # the explanation fails alone; predictions go on
-            logger.error("Layer IG failed: %s", type(exc).__name__)
-            self.count("ExplanationsFailed", sum(len(m) for m in groups.values()))
-            failure = explanation_failed(exc)
+                _, results, late = self.within_deadlines(
+                    members, items, lambda keys: self._explain_group([items[k] for k in keys], keys, n_steps, top_k))
+                explanations.update(results or {})
+                explanations.update(late)
+            except Exception as exc:  # the explanation fails alone; predictions go on
+                logger.error("Layer IG failed: %s", type(exc).__name__)
+                self.count("ExplanationsFailed", len(members))
+                explanations.update(dict.fromkeys(members, explanation_failed(exc)))
         explain_ms = (time.perf_counter() - began) * 1000
 
         top_k = self.model_settings.top_k or len(self.labels)
         for k, item in enumerate(items):
             ranked = ranked_predictions(probabilities[k], self.labels, top_k)
             result = explanations.get(k)
-            if item.explain and (failure is not None or isinstance(result, RequestError)):
-                answers[item.idx] = answer_error(self.context, item.idx, result if failure is None else failure)
+            if item.explain and isinstance(result, RequestError):
+                answers[item.idx] = answer_error(self.context, item.idx, result)
             elif item.explain:
                 explanation = self._explanation(item, result)
                 explanation["elapsed_ms"] = round(explain_ms, 2)

@@ -73,6 +73,8 @@ def _is_int(value: Any, low: int, high: int) -> bool:
 
 
 POLICIES = ("all", "priority", "off")
+DEFAULT_DEADLINE_MS = 30_000  # well inside TorchServe's default responseTimeout of 120 s
+MAX_DEADLINE_MS = 3_600_000
 ON_DENIED = ("predict", "reject")
 
 
@@ -89,6 +91,9 @@ class ExplainAccessSettings:
     ``routes``: ``explanations`` (``/explanations/{model}``) and ``kserve`` (the
     KServe explain routes, and any request marked ``explain: True`` by its client
     on the legacy routes, which TorchServe cannot tell apart).
+    ``deadline_ms``: time allowed to one request's explanation, counted from when
+    the worker starts on its batch; past it the request gets a 504 (``None``: no
+    limit). A request may ask for less with ``"deadline_ms"``.
     """
 
     section = "explain"
@@ -103,6 +108,7 @@ class ExplainAccessSettings:
     request_overrides: Optional[list] = None  # None: every override field
     routes: list = field(default_factory=lambda: ["explanations", "kserve"])
     inject_fault: Optional[str] = None  # tests only: "error" or "oom" makes every explanation fail
+    deadline_ms: Optional[int] = DEFAULT_DEADLINE_MS  # explanation work per request; None: no deadline
 
     override_fields = ()  # the request fields a model type knows
 
@@ -127,6 +133,8 @@ class ExplainAccessSettings:
                and set(self.routes) <= {"explanations", "kserve"},
                "explain.routes must be [explanations] or [explanations, kserve]")
         _check(self.inject_fault in (None, "error", "oom"), "explain.inject_fault must be null, error or oom")
+        _check(self.deadline_ms is None or _is_int(self.deadline_ms, 1, MAX_DEADLINE_MS),
+               f"explain.deadline_ms must be an int in [1, {MAX_DEADLINE_MS}] (milliseconds) or null")
         _check(self.request_overrides is None or (isinstance(self.request_overrides, (list, tuple))
                and set(self.request_overrides) <= set(self.override_fields)),
                f"explain.request_overrides must be a list drawn from {list(self.override_fields)}")
@@ -185,7 +193,7 @@ class ImageExplainSettings(ExplainAccessSettings):
     ``heatmap_decimals`` rounds heatmap values in the JSON (compact responses).
     """
 
-    override_fields = ("target", "method", "outputs", "heatmap_size", "top_k")
+    override_fields = ("target", "method", "outputs", "heatmap_size", "top_k", "deadline_ms")
     target_layer: Optional[str] = None
     method: str = "gradcam"
     heatmap_size: str = "feature"
@@ -236,7 +244,7 @@ class TextExplainSettings(ExplainAccessSettings):
     ``n_steps`` is the default; a request may ask for up to ``max_n_steps``.
     """
 
-    override_fields = ("target", "method", "n_steps", "top_k", "html")
+    override_fields = ("target", "method", "n_steps", "top_k", "html", "deadline_ms")
     method: str = "layer_ig"
     layer: Optional[str] = None
     baseline: str = "pad"
