@@ -158,6 +158,15 @@ class TorchServe:
         path = self.workdir / "logs" / "model_log.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def output_files(self) -> dict[str, str]:
+        """Everything this TorchServe wrote as text: each file under ``logs/``
+        (ts_log, model_log, access_log, model_metrics, ts_metrics...) and
+        ``torchserve.out``, the stdout and stderr of ``torchserve --start`` and of the
+        frontend it started, which inherits them (``{relative path: text}``)."""
+        paths = [p for p in (self.workdir / "logs").rglob("*") if p.is_file()]
+        paths.append(self.workdir / "torchserve.out")
+        return {str(p.relative_to(self.workdir)): p.read_text(errors="replace") for p in paths if p.exists()}
+
 
 
 def main(argv=None) -> None:
