@@ -101,18 +101,20 @@ def memory_sample(pids: dict[str, int], began: float) -> dict:
     return sample
 
 
-def warm_up(server: TorchServe, payloads: Path, token: str, rounds: int) -> None:
-    """Every kind of request a few times, so caches and allocator pools are filled before measuring."""
+def warm_up(server: TorchServe, payloads: Path, token: str, rounds: int, users: int) -> None:
+    """Every kind of request, from ``users`` threads at once so that batches of every size form,
+    ``rounds`` times: caches and allocator pools fill before memory is measured."""
+    from concurrent.futures import ThreadPoolExecutor
+
     image, review = (payloads / "image.png").read_bytes(), (payloads / "review.txt").read_bytes()
     url = server.inference_url
-    for _ in range(rounds):
-        server.request("POST", f"{url}/predictions/shapes", image)
-        server.request("POST", f"{url}/explanations/shapes", image)
-        server.request("POST", f"{url}/predictions/reviews", review, {"Content-Type": "text/plain"})
-        server.request("POST", f"{url}/explanations/reviews", review,
-                       {"Content-Type": "text/plain", "X-Priority": "high", "X-Explain-Token": token})
-        server.request("POST", f"{url}/explanations/faulty", image)
-        server.request("POST", f"{url}/explanations/shapes", b"not an image")
+    text = {"Content-Type": "text/plain"}
+    calls = [(f"{url}/predictions/shapes", image, {}), (f"{url}/explanations/shapes", image, {}),
+             (f"{url}/predictions/reviews", review, text),
+             (f"{url}/explanations/reviews", review, {**text, "X-Priority": "high", "X-Explain-Token": token}),
+             (f"{url}/explanations/faulty", image, {}), (f"{url}/explanations/shapes", b"not an image", {})]
+    with ThreadPoolExecutor(max_workers=users) as pool:
+        list(pool.map(lambda call: server.request("POST", *call), calls * rounds * users))
 
 
 def run_soak(store: Path, out: Path, duration: float, users: int, warmup_rounds: int = 10,
@@ -128,7 +130,7 @@ def run_soak(store: Path, out: Path, duration: float, users: int, warmup_rounds:
     counts_file = out / "locust_counts.json"
     counts_file.unlink(missing_ok=True)
     with TorchServe(store, MODELS, out / "ts", env=env) as server:
-        warm_up(server, payloads, token, warmup_rounds)
+        warm_up(server, payloads, token, warmup_rounds, users)
         before = workers(server)
         pids = {name: ws[0]["pid"] for name, ws in before.items() if ws}
         began = time.monotonic()
@@ -138,7 +140,7 @@ def run_soak(store: Path, out: Path, duration: float, users: int, warmup_rounds:
         command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", server.inference_url,
                    "--users", str(users), "--spawn-rate", str(users), "--run-time", f"{int(duration)}s",
                    "--stop-timeout", "30", "--only-summary", "--exit-code-on-error", "0",
-                   "--json-file", str(out / "locust_stats")]
+                   "--json-file", str(out / "locust_stats"), "--csv", str(out / "locust")]
         with open(out / "locust.log", "wb") as log:
             process = subprocess.Popen(command, cwd=out, env=locust_env, stdout=log, stderr=subprocess.STDOUT)
             stop = threading.Event()

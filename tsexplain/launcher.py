@@ -55,6 +55,9 @@ class TorchServe:
         self.management_url = f"http://127.0.0.1:{self.management_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         self.keys: dict = {}
+        # TorchServe also opens gRPC servers (default ports 7070/7071): free ports too, so
+        # that several instances can run side by side.
+        self.grpc_ports = (free_port(), free_port())
 
     def config_text(self) -> str:
         lines = {
@@ -63,6 +66,8 @@ class TorchServe:
             "metrics_address": self.metrics_url,
             "model_store": str(self.model_store),
             "load_models": ",".join(f"{name}={mar}" for name, mar in self.models.items()),
+            "grpc_inference_port": str(self.grpc_ports[0]),
+            "grpc_management_port": str(self.grpc_ports[1]),
             "default_workers_per_model": "1",
             "model_metrics_auto_detect": "true",  # keep the handlers' custom metrics
             **self.properties,
