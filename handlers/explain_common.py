@@ -174,15 +174,15 @@ class ExplainerFlow:
             for k in [k for k in pending if items[k].deadline is not None and items[k].deadline.expired()]:
                 late[k] = deadline_error(items[k].deadline)
                 pending.remove(k)
-            deadlines = [items[k].deadline for k in pending if items[k].deadline is not None]
             if not pending:
                 break
+            deadlines = [items[k].deadline for k in pending if items[k].deadline is not None]
             try:
                 with enforce(min(deadlines, key=lambda d: d.end, default=None)):
                     result = work(pending)
                 break
             except DeadlineExceeded:
-                continue  # the earliest deadline passed: answer it, go on with the others
+                continue  # the earliest deadline passed: answer it, run again for the others
         if late:
             self.count("ExplanationsTimedOut", len(late))
             logger.warning("explanation deadline exceeded: %d request(s), limits_ms=%s", len(late),
