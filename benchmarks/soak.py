@@ -129,7 +129,9 @@ def run_soak(store: Path, out: Path, duration: float, users: int, warmup_rounds:
            "TSEXPLAIN_FAULTY_INJECT_FAULT": "error"}
     counts_file = out / "locust_counts.json"
     counts_file.unlink(missing_ok=True)
-    with TorchServe(store, MODELS, out / "ts", env=env) as server:
+    server = TorchServe(store, MODELS, out / "ts", env=env)
+    server.start(timeout=600)  # model loading is slow on a busy 2-core machine
+    try:
         warm_up(server, payloads, token, warmup_rounds, users)
         before = workers(server)
         pids = {name: ws[0]["pid"] for name, ws in before.items() if ws}
@@ -161,6 +163,8 @@ def run_soak(store: Path, out: Path, duration: float, users: int, warmup_rounds:
         load_s = time.monotonic() - began
         samples.append(memory_sample(pids, began))
         after = workers(server)
+    finally:
+        server.stop()
     counts = json.loads(counts_file.read_text()) if counts_file.exists() else []
     return summarize(counts, before, after, samples, load_s, duration, users, returncode)
 
