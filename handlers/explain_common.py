@@ -7,6 +7,7 @@ handler's ``_answer_batch``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any, Optional
 from ts.metrics.dimension import Dimension
 
 from tsexplain.deadline import Deadline, DeadlineExceeded, enforce
+from tsexplain.cache import ExplanationCache, cache_key, fingerprint_files, model_version
 from tsexplain.errors import RequestError
 from tsexplain.policy import ExplanationGate, load_secret, lower_case_headers
 
@@ -36,6 +38,8 @@ class Prepared:
     original: Any = None  # what the input was made from (the decoded image)
     skipped: Optional[str] = None  # why an asked-for explanation was denied (on_denied: predict)
     deadline: Optional[Deadline] = None  # when this request's explanation work must stop
+    method: Optional[str] = None  # the explanation method of this request (None: the model's default)
+    contrast: Optional[int] = None  # class index to explain against (None: no contrast)
 
 
 def is_explain_request(context, idx: int) -> bool:
@@ -102,6 +106,38 @@ class ExplainerFlow:
                     s.policy if s.enabled else "off", s.on_denied, "required" if secret is not None else "none",
                     s.max_per_batch, ",".join(s.routes))
 
+    cache = ExplanationCache(0, 0)  # off until _init_cache
+    model_version = None
+
+    def _init_cache(self, context) -> None:
+        """The explanation cache (``explain.cache_mb``, ``cache_entries``) and the model
+        version its keys carry: the MAR's model version and a hash of the MAR's files."""
+        s = self.explain_settings
+        self.cache = ExplanationCache(int(s.cache_mb * 2**20), s.cache_entries)
+        self.model_version = None
+        if self.cache.enabled:
+            began = time.perf_counter()
+            fingerprint = fingerprint_files(context.system_properties.get("model_dir"))
+            self.model_version = model_version(context.manifest, fingerprint)
+            # every setting is part of the key: env overrides change answers without changing the MAR
+            self._settings_key = {"handler": dataclasses.asdict(self.model_settings), "explain": dataclasses.asdict(s)}
+            logger.info("explanation cache: %s MB, %d entries, model version %s (hashed in %.0f ms)", s.cache_mb,
+                        s.cache_entries, self.model_version, (time.perf_counter() - began) * 1000)
+
+    def explanation_key(self, data: bytes, method: str, target: int, params: dict) -> Optional[str]:
+        """The cache key of an explanation (None when the cache is off)."""
+        if not self.cache.enabled:
+            return None
+        return cache_key(data, self.model_version, method, target, {"settings": self._settings_key, "request": params})
+
+    def cached_explanation(self, key: Optional[str], method: Optional[str] = None) -> Optional[dict]:
+        """The cached explanation under ``key`` (a fresh copy) or None; counts the hit or miss."""
+        if key is None:
+            return None
+        found = self.cache.get(key)
+        self.count("ExplanationCacheHits" if found is not None else "ExplanationCacheMisses", method=method)
+        return found
+
     def handle(self, data, context):
         start = time.perf_counter()
         batch_start = time.monotonic()  # deadlines count from here
@@ -121,7 +157,7 @@ class ExplainerFlow:
                         item.explain, granted = True, granted + 1
                         item.deadline = None if limit_ms is None else Deadline(limit_ms, batch_start)
                     else:
-                        self.count("ExplanationsDenied")
+                        self.count("ExplanationsDenied", method=item.method)
                         if self.explain_settings.on_denied == "reject":
                             kind = "too_many_explanations" if decision.status == 429 else "explanation_denied"
                             raise RequestError(decision.reason, kind, decision.status)
@@ -195,17 +231,19 @@ class ExplainerFlow:
             if getattr(request, name, None) is not None and not settings.allows_override(name):
                 raise RequestError(f"'{name}' may not be set in requests to this model", "override_not_allowed")
 
-    def count(self, name: str, value: float = 1, unit: Optional[str] = None) -> None:
-        """A TorchServe custom metric, by method (counter, or a time when ``unit``)."""
-        dims = [Dimension("Method", self.explain_settings.method)]
+    def count(self, name: str, value: float = 1, unit: Optional[str] = None, method: Optional[str] = None) -> None:
+        """A TorchServe custom metric, by method (counter, or a time when ``unit``);
+        ``method``: the one the request used (default: the model's default method)."""
+        dims = [Dimension("Method", method or self.explain_settings.method)]
         if unit is None:
             self.context.metrics.add_counter(name, value, None, dims)
         else:
             self.context.metrics.add_time(name, value, None, unit, dims)
 
-    def record_explanation(self, elapsed_ms: float, **fields) -> None:
+    def record_explanation(self, elapsed_ms: float, method: Optional[str] = None, **fields) -> None:
         """Metrics and one log line per explanation served (no payloads, no values)."""
-        self.count("ExplanationsServed")
-        self.count("ExplanationLatency", round(elapsed_ms, 2), unit="ms")
+        method = method or self.explain_settings.method
+        self.count("ExplanationsServed", method=method)
+        self.count("ExplanationLatency", round(elapsed_ms, 2), unit="ms", method=method)
         detail = " ".join(f"{k}={v}" for k, v in fields.items())
-        logger.info("explanation method=%s %s elapsed_ms=%.2f", self.explain_settings.method, detail, elapsed_ms)
+        logger.info("explanation method=%s %s elapsed_ms=%.2f", method, detail, elapsed_ms)

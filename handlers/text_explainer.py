@@ -1,4 +1,5 @@
-"""TextExplainer: Hugging Face sequence classifiers with Layer Integrated Gradients.
+"""TextExplainer: Hugging Face sequence classifiers with Layer Integrated Gradients,
+gradient x input or word occlusion (chosen per request among ``explain.methods``).
 
 The MAR carries a ``save_pretrained`` folder (model and fast tokenizer); nothing
 is fetched from a hub. ``/predictions`` answers ``{label: probability}``;
@@ -21,13 +22,18 @@ from explain_common import ExplainerFlow, Prepared, answer, answer_error, envelo
 from tsexplain.errors import ConfigError, RequestError
 from tsexplain.parsing import parse_text_request, resolve_target
 from tsexplain.settings import TextExplainSettings, TextModelSettings, load_section
-from tsexplain.text_attribution import LayerIGTextExplainer, render_html
+from tsexplain.text_attribution import DEFAULT_INTERNAL_BATCH_SIZE, AdaptiveSteps, render_html
+from tsexplain.text_methods import TEXT_METHODS, make_text_explainer
 
 logger = logging.getLogger(__name__)
 
+# TorchServe's loader wants exactly one class defined in a handler module: the
+# contrast rides on explain_common.Prepared.
+
 
 class TextExplainer(ExplainerFlow, TextClassifier):
-    """Text classifier handler whose ``/explanations`` route serves Layer IG."""
+    """Text classifier handler whose ``/explanations`` route serves Layer IG,
+    gradient x input or word occlusion."""
 
     def initialize(self, context):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,23 +57,43 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         id2label = self.model.config.id2label
         self.labels = [str(id2label.get(i, i)) for i in range(self.model.config.num_labels)]
         settings = self.explain_settings
-        self.explainer = LayerIGTextExplainer(
-            self.model, self.tokenizer, layer=settings.layer, baseline=settings.baseline, n_steps=settings.n_steps,
-            integration_method=settings.integration_method, internal_batch_size=settings.internal_batch_size,
-            max_length=self.model_settings.max_length,
-        )
+        self.explainers = {}
+        for method in settings.methods:
+            options = dict(
+                layer=settings.layer, baseline=settings.baseline, n_steps=settings.n_steps,
+                integration_method=settings.integration_method, internal_batch_size=settings.internal_batch_size,
+                max_length=self.model_settings.max_length, max_words=settings.occlusion_max_words,
+            )
+            if method == "layer_ig":  # the integration's speed settings
+                options.update(precision=settings.precision, memory_budget_mb=settings.memory_budget_mb,
+                               adaptive=AdaptiveSteps(settings.adaptive_start, settings.adaptive_max,
+                                                      settings.max_relative_delta))
+            elif settings.internal_batch_size == "auto":  # measured for the integration only
+                options["internal_batch_size"] = DEFAULT_INTERNAL_BATCH_SIZE
+            self.explainers[method] = make_text_explainer(method, self.model, self.tokenizer, **options)
+        self.explainer = self.explainers[settings.method]  # the default method's
         self.max_length = self.explainer.max_length
+        self._init_cache(context)
         self.initialized = True
-        logger.info("Layer IG on %s, %d labels, max_length %d", self.explainer.layer_name, len(self.labels), self.max_length)
+        logger.info("text explanations %s (default %s) on %s, %d labels, max_length %d", ",".join(settings.methods),
+                    settings.method, self.explainer.layer_name, len(self.labels), self.max_length)
 
     def _parse(self, row):
         return parse_text_request(row, self.model_settings.max_text_chars, self.explain_settings.max_n_steps)
 
     def _prepare(self, idx, request) -> Prepared:
-        method = self.explain_settings.method
-        if request.method not in (None, method):
-            raise RequestError(f"unknown method {request.method[:32]!r}; available: ['{method}']", "unknown_method")
-        return Prepared(idx, request, False, resolve_target(request.target, self.labels), request.text)
+        settings = self.explain_settings
+        method = request.method or settings.method
+        if method not in TEXT_METHODS:
+            raise RequestError(f"unknown method {method[:32]!r}; known: {list(TEXT_METHODS)}", "unknown_method")
+        if method not in settings.methods:
+            raise RequestError(f"method {method!r} is not allowed for this model; allowed: {list(settings.methods)}",
+                               "method_not_allowed", 403)
+        target = resolve_target(request.target, self.labels)
+        contrast = resolve_target(request.contrast, self.labels, "contrast")
+        if contrast is not None and contrast == target:
+            raise RequestError("'contrast' must differ from 'target'", "bad_contrast")
+        return Prepared(idx, request, False, target, request.text, method=method, contrast=contrast)
 
     def _predict(self, texts: list[str]) -> torch.Tensor:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
@@ -78,25 +104,41 @@ class TextExplainer(ExplainerFlow, TextClassifier):
     def _answer_batch(self, items: list[Prepared], answers: list) -> None:
         probabilities = self._predict([item.inputs for item in items])
         settings = self.explain_settings
-        groups: dict[tuple[int, int], list[int]] = {}  # same n_steps and top_k: one batched call
+        groups: dict[tuple, list[int]] = {}  # same method and parameters: one batched call
+        errors: dict[int, RequestError] = {}
+        began = time.perf_counter()
+        hits, cache_keys = {}, {}
         for k, item in enumerate(items):
             if item.explain:
                 if item.target is None:
                     item.target = int(probabilities[k].argmax())
-                key = (item.request.n_steps or settings.n_steps, item.request.top_k or settings.top_k_words)
-                groups.setdefault(key, []).append(k)
-        explanations = {}
+                if item.contrast == item.target:  # the predicted class was asked as the contrast
+                    errors[k] = RequestError("'contrast' is the explained (predicted) class", "bad_contrast")
+                    continue
+                n_steps = (item.request.n_steps or settings.n_steps) if item.method == "layer_ig" else None
+                key = (item.method, n_steps, item.request.top_k or settings.top_k_words)
+                cache_keys[k] = self.explanation_key(
+                    item.inputs.encode("utf-8"), item.method, item.target,
+                    {"n_steps": n_steps, "top_k": key[2], "html": self._wants_html(item), "contrast": item.contrast},
+                )
+                found = self.cached_explanation(cache_keys[k], item.method)
+                if found is not None:
+                    hits[k] = found
+                else:
+                    groups.setdefault(key, []).append(k)
+        lookup_ms = (time.perf_counter() - began) * 1000
+        explanations, failure = dict(errors), None
         began = time.perf_counter()
-        for (n_steps, top_k), members in groups.items():  # each group fails or times out alone
+        for (method, n_steps, top_k), members in groups.items():  # each group fails or times out alone
             try:
                 self.inject_fault()
-                _, results, late = self.within_deadlines(
-                    members, items, lambda keys: self._explain_group([items[k] for k in keys], keys, n_steps, top_k))
+                _, results, late = self.within_deadlines(members, items, lambda keys: self._explain_group(
+                    [items[k] for k in keys], keys, method, n_steps, top_k))
                 explanations.update(results or {})
                 explanations.update(late)
             except Exception as exc:  # the explanation fails alone; predictions go on
-                logger.error("Layer IG failed: %s", type(exc).__name__)
-                self.count("ExplanationsFailed", len(members))
+                logger.error("text explanation failed: %s", type(exc).__name__)
+                self.count("ExplanationsFailed", len(members), method=method)
                 explanations.update(dict.fromkeys(members, explanation_failed(exc)))
         explain_ms = (time.perf_counter() - began) * 1000
 
@@ -104,36 +146,55 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         for k, item in enumerate(items):
             ranked = ranked_predictions(probabilities[k], self.labels, top_k)
             result = explanations.get(k)
-            if item.explain and isinstance(result, RequestError):
+            if item.explain and k in hits:
+                explanation = hits[k]
+                explanation.update(cached=True, elapsed_ms=round(lookup_ms, 2))
+                self.record_explanation(lookup_ms, method=item.method, n_steps=explanation["n_steps"], cached=True)
+                answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
+            elif item.explain and isinstance(result, RequestError) and (failure is None or k in errors):
                 answers[item.idx] = answer_error(self.context, item.idx, result)
+            elif item.explain and failure is not None:
+                answers[item.idx] = answer_error(self.context, item.idx, failure)
             elif item.explain:
                 explanation = self._explanation(item, result)
+                if cache_keys.get(k) is not None:
+                    self.cache.put(cache_keys[k], explanation)
+                explanation["cached"] = False
                 explanation["elapsed_ms"] = round(explain_ms, 2)
-                self.record_explanation(explain_ms, n_steps=result.n_steps)
+                self.record_explanation(explain_ms, method=item.method, n_steps=result.n_steps)
                 answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
             else:
                 answers[item.idx] = self.answer_prediction(item, ranked)
 
-    def _explain_group(self, group: list[Prepared], keys: list[int], n_steps: int, top_k: int) -> dict:
-        """Explanations (or per-request errors) for requests sharing n_steps and top_k."""
+    def _explain_group(self, group: list[Prepared], keys: list[int], method: str, n_steps, top_k: int) -> dict:
+        """Explanations (or per-request errors) for requests sharing method, n_steps and top_k."""
+        explainer = self.explainers[method]
+
+        def explain(members: list[Prepared]):
+            return explainer.explain([i.inputs for i in members], [i.target for i in members], n_steps=n_steps,
+                                     top_k=top_k, contrast=[i.contrast for i in members])
+
         try:
-            results = self.explainer.explain([i.inputs for i in group], [i.target for i in group], n_steps=n_steps, top_k=top_k)
-            return dict(zip(keys, results))
+            return dict(zip(keys, explain(group)))
         except RequestError:  # one bad text: explain one by one so only it fails
             out = {}
             for key, item in zip(keys, group):
                 try:
-                    out[key] = self.explainer.explain([item.inputs], [item.target], n_steps=n_steps, top_k=top_k)[0]
+                    out[key] = explain([item])[0]
                 except RequestError as error:
                     out[key] = error
             return out
 
     def _explanation(self, item: Prepared, result) -> dict:
         body = dataclasses.asdict(result)
-        body["integration"] = body.pop("method")  # the core's integration rule
-        body["method"] = self.explain_settings.method
+        body["integration"] = body.pop("method")  # the core's integration rule (None: no integration)
+        body["method"] = item.method
         body["target"] = {"index": result.target, "label": self.labels[result.target]}
-        want_html = item.request.html if item.request.html is not None else self.explain_settings.html
-        if want_html:
+        if result.contrast is not None:
+            body["contrast"] = {"index": result.contrast, "label": self.labels[result.contrast]}
+        if self._wants_html(item):
             body["html"] = render_html(result.words, item.inputs)
         return body
+
+    def _wants_html(self, item: Prepared) -> bool:
+        return item.request.html if item.request.html is not None else self.explain_settings.html

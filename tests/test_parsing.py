@@ -79,3 +79,20 @@ def test_fuzz_only_request_errors(body):
         assert 400 <= error.status < 500 and error.message
     else:
         assert isinstance(req.image, bytes)
+
+
+def test_text_contrast_field():
+    from tsexplain.parsing import parse_text_request
+
+    req = parse_text_request({"body": {"data": "ok", "target": "positive", "contrast": "negative"}}, 100, 10)
+    assert req.contrast == "negative" and req.target == "positive"
+    assert parse_text_request({"body": {"data": "ok", "contrast": 0}}, 100, 10).contrast == 0
+    assert parse_text_request({"body": b"ok"}, 100, 10).contrast is None
+    for bad in (1.5, True, "", [0]):
+        with pytest.raises(RequestError) as info:
+            parse_text_request({"body": {"data": "ok", "contrast": bad}}, 100, 10)
+        assert info.value.kind == "bad_contrast"
+    assert resolve_target("negative", ["negative", "positive"], "contrast") == 0
+    with pytest.raises(RequestError) as info:
+        resolve_target(2, ["negative", "positive"], "contrast")
+    assert info.value.kind == "unknown_contrast" and "contrast" in info.value.message

@@ -49,7 +49,7 @@ def test_bad_env_value_names_the_variable():
     ({"priority_header": "X Priority"}, "priority_header"),
     ({"token_env": "A", "token_file": "/b"}, "not both"),
     ({"max_per_batch": -1}, "max_per_batch"),
-    ({"request_overrides": ["n_steps"]}, "request_overrides"),
+    ({"request_overrides": ["html"]}, "request_overrides"),  # a text-only field
     ({"enabled": "yes"}, "enabled"),
 ])
 def test_access_settings_validated(section, message):
@@ -71,3 +71,68 @@ def test_unquoted_off_means_off():
 
     assert load_section(ImageExplainSettings, yaml.safe_load("policy: off"), "m", {}).policy == "off"
     assert load_section(ImageExplainSettings, {}, "m", {"TSEXPLAIN_POLICY": "off"}).policy == "off"
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"precision": "fp8"}, "precision"),
+    ({"n_steps": "many"}, "n_steps"),
+    ({"internal_batch_size": "max"}, "internal_batch_size"),
+    ({"memory_budget_mb": 0}, "memory_budget_mb"),
+    ({"adaptive_start": 0}, "adaptive_start"),
+    ({"adaptive_start": 64, "adaptive_max": 32}, "adaptive_start"),
+    ({"n_steps": "auto", "adaptive_max": 512}, "adaptive_max"),
+    ({"max_relative_delta": 0}, "max_relative_delta"),
+    ({"cache_mb": -1}, "cache_mb"),
+    ({"cache_entries": 1.5}, "cache_entries"),
+])
+def test_speed_and_cache_settings_validated(section, message):
+    from tsexplain.settings import TextExplainSettings
+
+    with pytest.raises(ConfigError, match=message):
+        TextExplainSettings(**section)
+
+
+def test_speed_and_cache_settings_accept_auto():
+    from tsexplain.settings import TextExplainSettings
+
+    s = TextExplainSettings(n_steps="auto", internal_batch_size="auto", precision="auto", cache_mb=0)
+    assert (s.n_steps, s.internal_batch_size, s.precision, s.cache_mb) == ("auto", "auto", "auto", 0)
+    assert ImageExplainSettings(cache_mb=0.5, cache_entries=10).cache_entries == 10
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"methods": []}, "explain.methods"),
+    ({"methods": ["gradcam", "scorecam"]}, "explain.methods"),
+    ({"methods": [["gradcam"]]}, "explain.methods"),
+    ({"method": ["gradcam"]}, "explain.method"),
+    ({"method": "lime"}, "explain.method"),
+    ({"method": "layer_ig"}, "not in explain.methods"),  # the default list has the CAM methods only
+    ({"feature_layout": "nwhc"}, "feature_layout"),
+    ({"methods": ["layer_ig"], "method": "layer_ig", "n_steps": 200}, "n_steps"),
+    ({"internal_batch_size": 0}, "internal_batch_size"),
+    ({"integration_method": "simpson"}, "integration_method"),
+])
+def test_image_method_settings_validated(section, message):
+    with pytest.raises(ConfigError, match=message):
+        load_section(ImageExplainSettings, section, "m", {})
+
+
+def test_image_methods_from_the_environment():
+    s = load_section(ImageExplainSettings, {}, "m", {"TSEXPLAIN_M_METHODS": "[gradcam, layer_ig]",
+                                                     "TSEXPLAIN_M_METHOD": "layer_ig"})
+    assert s.methods == ["gradcam", "layer_ig"] and s.method == "layer_ig"
+
+
+def test_text_methods_allow_list():
+    from tsexplain.settings import TextExplainSettings
+
+    s = load_section(TextExplainSettings, {}, "m", {})
+    assert s.method == "layer_ig" and s.methods == ["layer_ig", "grad_x_input", "occlusion"]
+    s = load_section(TextExplainSettings, {"method": "occlusion"}, "m", {"TSEXPLAIN_M_METHODS": "[occlusion]"})
+    assert s.methods == ["occlusion"] and "contrast" in s.override_fields
+    for section, message in (({"methods": []}, "explain.methods"), ({"methods": ["lime"]}, "explain.methods"),
+                             ({"methods": ["occlusion"]}, "explain.method 'layer_ig'"),
+                             ({"method": "lime"}, "explain.method 'lime'"),
+                             ({"occlusion_max_words": 0}, "occlusion_max_words")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_section(TextExplainSettings, section, "m", {})

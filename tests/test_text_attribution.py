@@ -35,6 +35,7 @@ LAYER = {"deberta-v2": "deberta.embeddings"}
 EMBEDDINGS = {
     "bert": "bert.embeddings.word_embeddings",
     "distilbert": "distilbert.embeddings.word_embeddings",
+    "albert": "albert.embeddings.word_embeddings",
     "roberta": "roberta.embeddings.word_embeddings",
     "deberta-v2": "deberta.embeddings.word_embeddings",
     "electra": "electra.embeddings.word_embeddings",

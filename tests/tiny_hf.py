@@ -11,6 +11,8 @@ from functools import lru_cache
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
+    AlbertConfig,
+    AlbertForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
     DebertaV2Config,
@@ -109,7 +111,8 @@ def byte_bpe_tokenizer() -> PreTrainedTokenizerFast:
 def sentencepiece_tokenizer(style: str = "xlmr") -> PreTrainedTokenizerFast:
     """SentencePiece-style Unigram with a ``Metaspace`` (``▁``) pre-tokenizer.
 
-    ``style="xlmr"``: ``<s> $A </s>`` (XLM-RoBERTa); ``"deberta"``: ``[CLS] $A [SEP]``.
+    ``style="xlmr"``: ``<s> $A </s>`` (XLM-RoBERTa); ``"deberta"``: ``[CLS] $A [SEP]``
+    (DeBERTa-v2/v3, ALBERT).
     """
     if style == "xlmr":
         order, specials, cls, sep = ROBERTA_ORDER, ROBERTA_SPECIALS, "<s>", "</s>"
@@ -165,6 +168,12 @@ def _deberta_v2(tok, init):
     return DebertaV2ForSequenceClassification(config)
 
 
+def _albert(tok, init):
+    # factorised embeddings (16 -> 32) and one layer group shared by both layers, as in ALBERT
+    config = AlbertConfig(embedding_size=16, max_position_embeddings=64, **SMALL, **_common(tok, init))
+    return AlbertForSequenceClassification(config)
+
+
 def _electra(tok, init):
     config = ElectraConfig(embedding_size=16, max_position_embeddings=64, **SMALL, **_common(tok, init))
     return ElectraForSequenceClassification(config)
@@ -174,6 +183,7 @@ FAMILIES = {
     "bert": (_bert, wordpiece_tokenizer),
     "distilbert": (_distilbert, wordpiece_tokenizer),
     "roberta": (_roberta, byte_bpe_tokenizer),
+    "albert": (_albert, lambda: sentencepiece_tokenizer("deberta")),
     "deberta-v2": (_deberta_v2, lambda: sentencepiece_tokenizer("deberta")),
     "electra": (_electra, wordpiece_tokenizer),
     "xlm-roberta": (_xlmr, lambda: sentencepiece_tokenizer("xlmr")),

@@ -64,21 +64,26 @@ def _gradcam(model, layer_name):
 IMAGE_METHODS: dict[str, Callable] = {"gradcam": _gradcam}
 
 
-def _layer_ig(model, tokenizer):
-    from .text_attribution import LayerIGTextExplainer
+def _text_method(name: str) -> Callable:
+    """Factory for the core text method ``name`` (:mod:`tsexplain.text_methods`), default settings."""
 
-    explainer = LayerIGTextExplainer(model, tokenizer)
+    def factory(model, tokenizer):
+        from .text_methods import make_text_explainer
 
-    def explain(texts: list[str], targets: list[int]):
-        return [[{"word": w.word, "start": w.start, "end": w.end, "attribution": w.attribution} for w in r.words]
-                for r in explainer.explain(texts, targets, top_k=0)]
+        explainer = make_text_explainer(name, model, tokenizer)
 
-    return explain
+        def explain(texts: list[str], targets: list[int]):
+            return [[{"word": w.word, "start": w.start, "end": w.end, "attribution": w.attribution} for w in r.words]
+                    for r in explainer.explain(texts, targets, top_k=0)]
+
+        return explain
+
+    return factory
 
 
 #: In-process text methods: name -> factory(model, tokenizer) -> explain(texts, targets) ->
 #: one list of word dicts per text. New core methods register here.
-TEXT_METHODS: dict[str, Callable] = {"layer_ig": _layer_ig}
+TEXT_METHODS: dict[str, Callable] = {name: _text_method(name) for name in ("layer_ig", "grad_x_input", "occlusion")}
 
 
 def _unknown(method, known):

@@ -16,8 +16,10 @@ from .images import decode_base64
 from .settings import HEATMAP_SIZES, IMAGE_OUTPUTS
 
 Target = Union[int, str, None]  # index, label, or None for the predicted class
-IMAGE_FIELDS = {"data", "target", "method", "outputs", "heatmap_size", "top_k", "priority", "deadline_ms"}
-TEXT_FIELDS = {"data", "target", "method", "n_steps", "top_k", "html", "priority", "deadline_ms"}
+IMAGE_FIELDS = {"data", "target", "contrast", "method", "n_steps", "outputs", "heatmap_size", "top_k", "priority",
+                "deadline_ms"}
+MAX_N_STEPS = 10_000  # the hard bound; each model's explain.max_n_steps is checked by its handler
+TEXT_FIELDS = {"data", "target", "contrast", "method", "n_steps", "top_k", "html", "priority", "deadline_ms"}
 MAX_DEADLINE_MS = 3_600_000  # the model's explain.deadline_ms bounds it further
 
 
@@ -27,6 +29,8 @@ class ImageRequest:
     target: Target = None
     method: Optional[str] = None
     outputs: Optional[tuple[str, ...]] = None
+    contrast: Target = None  # a class to explain against: "why target rather than contrast"
+    n_steps: Optional[int] = None
     heatmap_size: Optional[str] = None
     top_k: Optional[int] = None
     priority: Optional[str] = None
@@ -70,14 +74,15 @@ def _json_object(body: Any) -> Optional[dict]:
     return None
 
 
-def parse_target(value: Any) -> Target:
+def parse_target(value: Any, field: str = "target") -> Target:
     """``"predicted"``/``None`` → None; an int index; or a label string."""
-    if value is None or value == "predicted":
+    if value is None or (value == "predicted" and field == "target"):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise RequestError("'target' must be a class index, a label or \"predicted\"", "bad_target")
+        choices = 'a class index, a label or "predicted"' if field == "target" else "a class index or a label"
+        raise RequestError(f"'{field}' must be {choices}", f"bad_{field}")
     if isinstance(value, str) and not value.strip():
-        raise RequestError("'target' is an empty string", "bad_target")
+        raise RequestError(f"'{field}' is an empty string", f"bad_{field}")
     return value
 
 
@@ -131,6 +136,8 @@ def parse_image_request(row: Mapping[str, Any]) -> ImageRequest:
         target=parse_target(options.get("target")),
         method=_optional_str(options, "method"),
         outputs=outputs,
+        contrast=parse_target(options.get("contrast"), "contrast"),
+        n_steps=_optional_int(options, "n_steps", 1, MAX_N_STEPS),
         heatmap_size=heatmap_size,
         top_k=_optional_int(options, "top_k", 1, 1000),
         priority=_optional_str(options, "priority"),
@@ -143,6 +150,7 @@ class TextRequest:
     text: str
     target: Target = None
     method: Optional[str] = None
+    contrast: Target = None  # explain target rather than this class
     n_steps: Optional[int] = None
     top_k: Optional[int] = None
     html: Optional[bool] = None
@@ -183,6 +191,7 @@ def parse_text_request(row: Mapping[str, Any], max_chars: int, max_n_steps: int)
         text=_text(options.get("data"), max_chars),
         target=parse_target(options.get("target")),
         method=_optional_str(options, "method"),
+        contrast=parse_target(options.get("contrast"), "contrast"),
         n_steps=_optional_int(options, "n_steps", 1, max_n_steps),
         top_k=_optional_int(options, "top_k", 1, 1000),
         html=html,
@@ -191,16 +200,16 @@ def parse_text_request(row: Mapping[str, Any], max_chars: int, max_n_steps: int)
     )
 
 
-def resolve_target(target: Target, labels: list[str]) -> Optional[int]:
-    """Class index for ``target`` given the model's labels (index order)."""
+def resolve_target(target: Target, labels: list[str], field: str = "target") -> Optional[int]:
+    """Class index for ``target`` (or the ``contrast`` class) given the model's labels (index order)."""
     if target is None:
         return None
     if isinstance(target, int):
         if not 0 <= target < len(labels):
-            raise RequestError(f"target index {target} is out of range [0, {len(labels) - 1}]", "unknown_target")
+            raise RequestError(f"{field} index {target} is out of range [0, {len(labels) - 1}]", f"unknown_{field}")
         return target
     if target in labels:
         return labels.index(target)
     if target.lstrip("-").isdigit():
-        return resolve_target(int(target), labels)
-    raise RequestError(f"unknown target label {target[:64]!r}", "unknown_target")
+        return resolve_target(int(target), labels, field)
+    raise RequestError(f"unknown {field} label {target[:64]!r}", f"unknown_{field}")

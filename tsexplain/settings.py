@@ -17,11 +17,18 @@ import yaml
 
 from .errors import ConfigError
 from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .text_methods import TEXT_METHODS
 
 T = TypeVar("T")
 ENV_PREFIX = "TSEXPLAIN"
 HEATMAP_SIZES = ("feature", "input")
 IMAGE_OUTPUTS = ("heatmap", "overlay_png")
+# Image explanation methods: the CAM family shares the prediction's forward pass;
+# the IG family costs n_steps forward and backward passes per request.
+IMAGE_CAM_METHODS = ("gradcam", "gradcam++", "layercam")
+IMAGE_METHODS = IMAGE_CAM_METHODS + ("layer_ig", "integrated_gradients")
+FEATURE_LAYOUTS = ("auto", "nchw", "nhwc", "tokens")
+INTEGRATION_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 
 
 def env_names(model_name: str, key: str) -> list[str]:
@@ -109,6 +116,8 @@ class ExplainAccessSettings:
     routes: list = field(default_factory=lambda: ["explanations", "kserve"])
     inject_fault: Optional[str] = None  # tests only: "error" or "oom" makes every explanation fail
     deadline_ms: Optional[int] = DEFAULT_DEADLINE_MS  # explanation work per request; None: no deadline
+    cache_mb: float = 32  # explanation cache per worker (0: off); see docs/design.md
+    cache_entries: int = 4096
 
     override_fields = ()  # the request fields a model type knows
 
@@ -135,6 +144,9 @@ class ExplainAccessSettings:
         _check(self.inject_fault in (None, "error", "oom"), "explain.inject_fault must be null, error or oom")
         _check(self.deadline_ms is None or _is_int(self.deadline_ms, 1, MAX_DEADLINE_MS),
                f"explain.deadline_ms must be an int in [1, {MAX_DEADLINE_MS}] (milliseconds) or null")
+        _check(isinstance(self.cache_mb, (int, float)) and not isinstance(self.cache_mb, bool)
+               and 0 <= self.cache_mb <= 1 << 20, "explain.cache_mb must be a number in [0, 1048576] (0: off)")
+        _check(_is_int(self.cache_entries, 0, 1 << 24), "explain.cache_entries must be an int in [0, 16777216] (0: off)")
         _check(self.request_overrides is None or (isinstance(self.request_overrides, (list, tuple))
                and set(self.request_overrides) <= set(self.override_fields)),
                f"explain.request_overrides must be a list drawn from {list(self.override_fields)}")
@@ -189,13 +201,23 @@ class ImageExplainSettings(ExplainAccessSettings):
     """The ``explain:`` section of an image model (and the access keys above).
 
     ``target_layer``: dotted module name; ``None`` finds it automatically.
+    ``feature_layout``: how that layer lays out its output (``auto``: by family).
+    ``methods``: the methods requests may use; ``method`` the default one.
+    ``n_steps`` (at most ``max_n_steps`` per request) and ``internal_batch_size``
+    apply to ``layer_ig`` and ``integrated_gradients``.
     ``heatmap_size`` and ``outputs`` are the defaults a request may override.
     ``heatmap_decimals`` rounds heatmap values in the JSON (compact responses).
     """
 
-    override_fields = ("target", "method", "outputs", "heatmap_size", "top_k", "deadline_ms")
+    override_fields = ("target", "contrast", "method", "n_steps", "outputs", "heatmap_size", "top_k", "deadline_ms")
     target_layer: Optional[str] = None
+    feature_layout: str = "auto"
     method: str = "gradcam"
+    methods: list = field(default_factory=lambda: list(IMAGE_CAM_METHODS))
+    n_steps: int = 32
+    max_n_steps: int = 128
+    internal_batch_size: int = 32
+    integration_method: str = "gausslegendre"
     heatmap_size: str = "feature"
     outputs: list = field(default_factory=lambda: ["heatmap"])
     heatmap_decimals: int = 3
@@ -205,7 +227,17 @@ class ImageExplainSettings(ExplainAccessSettings):
         super().__post_init__()
         _check(self.target_layer is None or (isinstance(self.target_layer, str) and self.target_layer),
                "explain.target_layer must be a dotted module name")
-        _check(self.method == "gradcam", f"explain.method {self.method!r} is not supported; use 'gradcam'")
+        _check(self.feature_layout in FEATURE_LAYOUTS, f"explain.feature_layout must be one of {list(FEATURE_LAYOUTS)}")
+        _check(isinstance(self.methods, (list, tuple)) and self.methods
+               and all(isinstance(m, str) and m in IMAGE_METHODS for m in self.methods),
+               f"explain.methods must be a non-empty list drawn from {list(IMAGE_METHODS)}")
+        _check(isinstance(self.method, str) and self.method in IMAGE_METHODS, f"explain.method must be one of {list(IMAGE_METHODS)}")
+        _check(self.method in self.methods, f"explain.method {self.method!r} is not in explain.methods {list(self.methods)}")
+        _check(_is_int(self.max_n_steps, 1, 10_000), "explain.max_n_steps must be an int in [1, 10000]")
+        _check(_is_int(self.n_steps, 1, self.max_n_steps), "explain.n_steps must be an int in [1, max_n_steps]")
+        _check(_is_int(self.internal_batch_size, 1, 1 << 20), "explain.internal_batch_size must be a positive int")
+        _check(self.integration_method in INTEGRATION_METHODS,
+               "explain.integration_method must be gausslegendre or a riemann_* rule")
         _check(self.heatmap_size in HEATMAP_SIZES, f"explain.heatmap_size must be one of {list(HEATMAP_SIZES)}")
         _check(isinstance(self.outputs, (list, tuple)) and set(self.outputs) <= set(IMAGE_OUTPUTS),
                f"explain.outputs must be a list drawn from {list(IMAGE_OUTPUTS)}")
@@ -238,32 +270,61 @@ class TextModelSettings:
 
 @dataclass(frozen=True)
 class TextExplainSettings(ExplainAccessSettings):
-    """The ``explain:`` section of a text model (Layer Integrated Gradients).
+    """The ``explain:`` section of a text model.
 
+    ``method``: the default method, one of ``methods``, the methods a request may
+    choose (``layer_ig``, ``grad_x_input``, ``occlusion``; default all: each one's
+    cost is bounded, by ``max_n_steps`` for Layer IG and ``occlusion_max_words``
+    for occlusion, and grad x input costs one backward pass).
     ``layer``: dotted module name; ``None`` uses ``get_input_embeddings()``.
-    ``n_steps`` is the default; a request may ask for up to ``max_n_steps``.
+    ``n_steps`` is the default (``auto``: adaptive, from ``adaptive_start`` doubling
+    up to ``adaptive_max`` until the relative delta is at most
+    ``max_relative_delta``); a request may ask for up to ``max_n_steps``.
+    ``precision``: ``fp32`` | ``bf16`` | ``fp16`` (CUDA only) | ``auto``.
+    ``internal_batch_size``: rows per pass, or ``auto`` from ``memory_budget_mb``.
     """
 
-    override_fields = ("target", "method", "n_steps", "top_k", "html", "deadline_ms")
+    override_fields = ("target", "method", "n_steps", "top_k", "html", "contrast", "deadline_ms")
     method: str = "layer_ig"
+    methods: list = field(default_factory=lambda: list(TEXT_METHODS))
     layer: Optional[str] = None
     baseline: str = "pad"
     n_steps: int = 50
     max_n_steps: int = 256
     integration_method: str = "gausslegendre"
-    internal_batch_size: int = 64
+    internal_batch_size: Any = 64
     top_k_words: int = 5
     html: bool = False
+    precision: str = "fp32"
+    memory_budget_mb: float = 1024
+    adaptive_start: int = 8
+    adaptive_max: int = 128
+    max_relative_delta: float = 0.05
+    occlusion_max_words: int = 256
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.method == "layer_ig", f"explain.method {self.method!r} is not supported; use 'layer_ig'")
+        _check(isinstance(self.methods, (list, tuple)) and self.methods and set(self.methods) <= set(TEXT_METHODS),
+               f"explain.methods must be a non-empty list drawn from {list(TEXT_METHODS)}")
+        _check(self.method in self.methods, f"explain.method {self.method!r} must be one of explain.methods {list(self.methods)}")
         _check(self.layer is None or (isinstance(self.layer, str) and self.layer), "explain.layer must be a dotted module name")
         _check(self.baseline in ("pad", "unk", "mask"), "explain.baseline must be one of ['pad', 'unk', 'mask']")
         _check(_is_int(self.max_n_steps, 1, 10_000), "explain.max_n_steps must be an int in [1, 10000]")
-        _check(_is_int(self.n_steps, 1, self.max_n_steps), "explain.n_steps must be an int in [1, max_n_steps]")
+        _check(self.n_steps == "auto" or _is_int(self.n_steps, 1, self.max_n_steps),
+               "explain.n_steps must be an int in [1, max_n_steps] or auto")
+        _check(_is_int(self.adaptive_max, 1, 1024), "explain.adaptive_max must be an int in [1, 1024]")
+        _check(self.n_steps != "auto" or self.adaptive_max <= self.max_n_steps,
+               "explain.adaptive_max must not exceed max_n_steps when n_steps is auto")
+        _check(_is_int(self.adaptive_start, 1, self.adaptive_max), "explain.adaptive_start must be an int in [1, adaptive_max]")
+        _check(isinstance(self.max_relative_delta, (int, float)) and not isinstance(self.max_relative_delta, bool)
+               and 0 < self.max_relative_delta < float("inf"), "explain.max_relative_delta must be a positive number")
+        _check(self.precision in ("fp32", "bf16", "fp16", "auto"), "explain.precision must be fp32, bf16, fp16 or auto")
+        _check(isinstance(self.memory_budget_mb, (int, float)) and not isinstance(self.memory_budget_mb, bool)
+               and 0 < self.memory_budget_mb <= 1 << 24, "explain.memory_budget_mb must be a positive number")
         _check(self.integration_method in ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"),
                "explain.integration_method must be gausslegendre or a riemann_* rule")
-        _check(_is_int(self.internal_batch_size, 1, 1 << 20), "explain.internal_batch_size must be a positive int")
+        _check(self.internal_batch_size == "auto" or _is_int(self.internal_batch_size, 1, 1 << 20),
+               "explain.internal_batch_size must be a positive int or auto")
         _check(_is_int(self.top_k_words, 1, 1000), "explain.top_k_words must be an int in [1, 1000]")
         _check(isinstance(self.html, bool), "explain.html must be true or false")
+        _check(_is_int(self.occlusion_max_words, 1, 1 << 20), "explain.occlusion_max_words must be a positive int")

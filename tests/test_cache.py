@@ -1,0 +1,222 @@
+"""The explanation cache: core LRU and key, and both handlers in process."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from harness import EXPLAIN, InProcessHandler, build_image_mar, build_text_mar, png, unpack
+from tsexplain.cache import ExplanationCache, cache_key, fingerprint_files, model_version
+
+KEY_ARGS = dict(data=b"some text", model_version="1.0+abc", method="layer_ig", target=1,
+                params={"n_steps": 50, "outputs": ["heatmap"], "precision": "fp32"})
+
+
+# --- core -----------------------------------------------------------------------------
+
+
+def test_key_changes_with_every_part():
+    base = cache_key(**KEY_ARGS)
+    assert cache_key(**KEY_ARGS) == base and len(base) == 64
+    changes = [
+        {"data": b"some text."},
+        {"model_version": "1.0+abd"},
+        {"method": "gradcam"},
+        {"target": 2},
+        {"params": {**KEY_ARGS["params"], "n_steps": 51}},
+        {"params": {**KEY_ARGS["params"], "outputs": ["heatmap", "overlay_png"]}},
+        {"params": {**KEY_ARGS["params"], "precision": "bf16"}},
+        {"params": {**KEY_ARGS["params"], "extra": None}},
+    ]
+    keys = {cache_key(**{**KEY_ARGS, **change}) for change in changes}
+    assert base not in keys and len(keys) == len(changes)
+    # parameter order does not matter; the target must be resolved
+    assert cache_key(**{**KEY_ARGS, "params": dict(reversed(list(KEY_ARGS["params"].items())))}) == base
+    with pytest.raises(TypeError):
+        cache_key(**{**KEY_ARGS, "target": None})
+
+
+def test_hit_returns_an_identical_fresh_copy():
+    cache = ExplanationCache(1 << 20, 100)
+    value = {"tokens": [{"token": "caf\u00e9", "attribution": 0.1 + 0.2}], "delta": 1e-300, "flag": None}
+    assert cache.get("k") is None and cache.misses == 1
+    assert cache.put("k", value)
+    first = cache.get("k")
+    assert first == value and cache.hits == 1
+    first["tokens"].clear()  # the caller may change its copy
+    assert cache.get("k") == value
+
+
+def test_never_holds_tensors_or_graphs():
+    cache = ExplanationCache(1 << 20, 100)
+    with pytest.raises(TypeError):
+        cache.put("k", {"attribution": torch.ones(3, requires_grad=True)})
+    assert len(cache) == 0 and cache.bytes == 0
+    cache.put("k", {"a": [1.0, 2.0]})
+    assert all(isinstance(v, bytes) for v in cache._entries.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    max_bytes=st.integers(0, 20_000),
+    max_entries=st.integers(0, 30),
+    sizes=st.lists(st.integers(0, 3_000), max_size=80),
+    keys=st.lists(st.integers(0, 40), max_size=80),
+)
+def test_bounds_always_hold(max_bytes, max_entries, sizes, keys):
+    cache = ExplanationCache(max_bytes, max_entries)
+    for key, size in zip(keys, sizes):
+        cache.put(str(key), {"v": "x" * size})
+        assert cache.bytes <= max_bytes and len(cache) <= max_entries
+        assert cache.bytes == sum(sys.getsizeof(v) + sys.getsizeof(k) for k, v in cache._entries.items())
+
+
+def test_least_recently_used_goes_first():
+    cache = ExplanationCache(1 << 20, 3)
+    for key in "abc":
+        cache.put(key, {"k": key})
+    cache.get("a")  # a is now the most recent
+    cache.put("d", {"k": "d"})
+    assert cache.get("b") is None and all(cache.get(k) is not None for k in "acd")
+    small = ExplanationCache(200, 10)
+    assert not small.put("big", {"v": "x" * 500}) and len(small) == 0  # larger than the whole cache
+
+
+def test_disabled_cache_stores_nothing():
+    for cache in (ExplanationCache(0, 10), ExplanationCache(1 << 20, 0)):
+        assert not cache.enabled and not cache.put("k", {"a": 1}) and cache.get("k") is None
+
+
+def test_fingerprint_follows_the_files(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 1000)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "config.json").write_text("{}")
+    first = fingerprint_files(tmp_path)
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "x.pyc").write_bytes(b"cache")
+    assert fingerprint_files(tmp_path) == first  # byte-code caches do not count
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 999 + b"\1")
+    assert fingerprint_files(tmp_path) != first
+    assert model_version({"model": {"modelVersion": "2.0"}}, "ab" * 32) == "2.0+" + "ab" * 8
+
+
+# --- text handler ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_handler(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("text_cache")
+    mar = build_text_mar(tmp, "tiny", "bert", config={"explain": {"n_steps": 16, "cache_mb": 1}})
+    return InProcessHandler(unpack(mar, tmp / "unpacked"), "text_explainer", "TextExplainer")
+
+
+def metric_count(handler, name):
+    return sum(1 for call in handler.metrics.calls if call[1] and call[1][0] == name)
+
+
+def without_volatile(explanation):
+    return {k: v for k, v in explanation.items() if k not in ("cached", "elapsed_ms")}
+
+
+def test_text_repeat_is_a_hit_with_the_same_explanation(text_handler):
+    body = {"data": "the plot was great", "target": "positive"}
+    [(s1, first)] = text_handler([(body, EXPLAIN)])
+    [(s2, second)] = text_handler([(body, EXPLAIN)])
+    assert s1 == s2 == 200
+    assert first["explanation"]["cached"] is False and second["explanation"]["cached"] is True
+    assert without_volatile(first["explanation"]) == without_volatile(second["explanation"])
+    assert first["predictions"] == second["predictions"]
+    assert metric_count(text_handler, "ExplanationCacheHits") >= 1
+
+
+def test_text_changed_request_misses(text_handler):
+    base = {"data": "a dull and long film", "target": "negative"}
+    text_handler([(base, EXPLAIN)])
+    changes = [{"target": "positive"}, {"n_steps": 8}, {"top_k": 2}, {"html": True}, {"data": "a dull and long film!"},
+               {"contrast": "neutral"}, {"method": "grad_x_input"}]
+    for change in changes:
+        [(status, body)] = text_handler([({**base, **change}, EXPLAIN)])
+        assert status == 200 and body["explanation"]["cached"] is False, change
+    # the resolved target counts: no target means the predicted class, the same key as naming it
+    [(_, predicted)] = text_handler([({"data": "a dull and long film"}, EXPLAIN)])
+    label = predicted["predictions"][0]["label"]
+    [(_, named)] = text_handler([({"data": "a dull and long film", "target": label}, EXPLAIN)])
+    assert named["explanation"]["cached"] is True
+    assert named["explanation"]["target"]["label"] == label
+
+
+def test_text_predictions_are_never_cached(text_handler, monkeypatch):
+    text = "fresh predictions please"
+    text_handler([({"data": text}, EXPLAIN)])
+    calls = []
+    original = text_handler.handler._predict
+    monkeypatch.setattr(text_handler.handler, "_predict", lambda texts: calls.append(texts) or original(texts))
+    [(_, body)] = text_handler([({"data": text}, EXPLAIN)])
+    assert body["explanation"]["cached"] is True and calls == [[text]]
+
+
+def test_text_model_version_covers_the_weights(text_handler, tmp_path):
+    handler = text_handler.handler
+    model_dir = handler.context.system_properties["model_dir"]
+    assert handler.model_version == model_version(handler.manifest, fingerprint_files(model_dir))
+    key = handler.explanation_key(b"x", "layer_ig", 0, {})
+    handler.model_version, saved = "other", handler.model_version
+    try:
+        assert handler.explanation_key(b"x", "layer_ig", 0, {}) != key
+    finally:
+        handler.model_version = saved
+
+
+def test_text_cache_off(tmp_path):
+    mar = build_text_mar(tmp_path, "nocache", "bert", config={"explain": {"n_steps": 4, "cache_mb": 0}})
+    handler = InProcessHandler(unpack(mar, tmp_path / "unpacked"), "text_explainer", "TextExplainer")
+    out = handler([({"data": "same"}, EXPLAIN), ({"data": "same"}, EXPLAIN)])
+    out += handler([({"data": "same"}, EXPLAIN)])
+    assert [body["explanation"]["cached"] for _, body in out] == [False, False, False]
+    assert handler.handler.model_version is None and metric_count(handler, "ExplanationCacheMisses") == 0
+
+
+# --- image handler --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_handler(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("image_cache")
+    mar = build_image_mar(tmp, "pets", config={"handler": {"resize": 80, "crop": 64},
+                                               "explain": {"target_layer": "layer2"}})
+    return InProcessHandler(unpack(mar, tmp / "unpacked"), "image_explainer", "ImageExplainer")
+
+
+def picture(seed):
+    rng = np.random.default_rng(seed)
+    return png(Image.fromarray(rng.integers(0, 255, (60, 70, 3), dtype=np.uint8)))
+
+
+def test_image_repeat_hits_and_changes_miss(image_handler, monkeypatch):
+    data = picture(1)
+    [(_, first)] = image_handler([(data, EXPLAIN)])
+    calls = []
+    original = image_handler.handler.gradcam.attribute
+    monkeypatch.setattr(image_handler.handler.gradcam, "attribute", lambda *a, **k: calls.append(a) or original(*a, **k))
+    [(_, second)] = image_handler([(data, EXPLAIN)])
+    assert first["explanation"]["cached"] is False and second["explanation"]["cached"] is True
+    assert without_volatile(first["explanation"]) == without_volatile(second["explanation"])
+    assert first["predictions"] == second["predictions"] and calls == []  # no Grad-CAM pass for a hit
+    predicted = first["predictions"][0]["index"]
+    other = (predicted + 1) % 3
+    changes = [{"target": other}, {"outputs": ["heatmap", "overlay_png"]}, {"heatmap_size": "input"}]
+    import base64
+    for change in changes:
+        body = {"data": base64.b64encode(data).decode(), **change}
+        [(status, answer)] = image_handler([(json.dumps(body).encode(), EXPLAIN)])
+        assert status == 200 and answer["explanation"]["cached"] is False, change
+    assert len(calls) == len(changes)
+    # a batch mixing a hit, a miss and a prediction: each answered as if alone
+    out = image_handler([(data, EXPLAIN), (picture(2), EXPLAIN), (picture(2), {})])
+    assert [body["explanation"]["cached"] for _, body in out[:2]] == [True, False]
+    assert out[2][1] == {p["label"]: p["probability"] for p in out[1][1]["predictions"]}
