@@ -126,7 +126,8 @@ def run_soak(store: Path, out: Path, duration: float, users: int, warmup_rounds:
     token = secrets.token_hex(16)
     env = {"SOAK_EXPLAIN_TOKEN_VALUE": token,
            "TSEXPLAIN_REVIEWS_POLICY": "priority", "TSEXPLAIN_REVIEWS_TOKEN_ENV": "SOAK_EXPLAIN_TOKEN_VALUE",
-           "TSEXPLAIN_FAULTY_INJECT_FAULT": "error"}
+           "TSEXPLAIN_FAULTY_INJECT_FAULT": "error",
+           "TSEXPLAIN_CACHE_MB": "0"}  # the payloads repeat: without this, explanations would be cache hits
     counts_file = out / "locust_counts.json"
     counts_file.unlink(missing_ok=True)
     server = TorchServe(store, MODELS, out / "ts", env=env)

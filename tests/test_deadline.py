@@ -145,7 +145,8 @@ def timed_out_count(handler):
 @pytest.fixture(scope="module")
 def text_handler(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deadline_text")
-    config = {"explain": {"n_steps": 64, "max_n_steps": 64, "internal_batch_size": 4, "deadline_ms": 60_000}}
+    config = {"explain": {"n_steps": 64, "max_n_steps": 64, "internal_batch_size": 4, "deadline_ms": 60_000,
+                          "cache_mb": 0}}  # every request does its work
     mar = build_text_mar(tmp, "tiny", config=config)
     return InProcessHandler(unpack(mar, tmp / "unpacked"), "text_explainer", "TextExplainer")
 
@@ -190,7 +191,7 @@ def test_request_deadline_may_only_lower_the_configured_one(text_handler):
 
 def test_image_request_past_its_deadline_gets_504_alone(tmp_path):
     mar = build_image_mar(tmp_path, "pets", config={"handler": {"resize": 64, "crop": 64},
-                                                     "explain": {"target_layer": "layer2"}})
+                                                     "explain": {"target_layer": "layer2", "cache_mb": 0}})
     handler = InProcessHandler(unpack(mar, tmp_path / "unpacked"), "image_explainer", "ImageExplainer")
     model = handler.handler.model
     rng = np.random.default_rng(0)
