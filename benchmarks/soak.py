@@ -113,8 +113,8 @@ def warm_up(server: TorchServe, payloads: Path, token: str, rounds: int, users: 
              (f"{url}/predictions/reviews", review, text),
              (f"{url}/explanations/reviews", review, {**text, "X-Priority": "high", "X-Explain-Token": token}),
              (f"{url}/explanations/faulty", image, {}), (f"{url}/explanations/shapes", b"not an image", {})]
-    with ThreadPoolExecutor(max_workers=users) as pool:
-        list(pool.map(lambda call: server.request("POST", *call), calls * rounds * users))
+    with ThreadPoolExecutor(max_workers=users) as pool:  # generous timeout: a busy machine answers slowly
+        list(pool.map(lambda call: server.request("POST", *call, timeout=600), calls * rounds * users))
 
 
 def run_soak(store: Path, out: Path, duration: float, users: int, warmup_rounds: int = 10,
