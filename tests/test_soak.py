@@ -17,7 +17,7 @@ from benchmarks import soak  # noqa: E402
 
 pytestmark = pytest.mark.server
 # RSS growth allowed per worker between the end of warm-up and the end of the load.
-# Measured (docs/soak.md): at most 9.7 MiB over 5 minutes and 16.6 MiB over 40 s on this
+# Measured (docs/soak.md): at most 11.1 MiB over 5 minutes and 16.6 MiB over 40 s on this
 # 2-core machine; 64 MiB is about 4 times that, and over the ~50 requests of this run it
 # catches a leak of more than about 1.3 MiB per request (an explanation's graph kept alive).
 RSS_GROWTH_BOUND_MIB = 64
