@@ -46,9 +46,9 @@ def server(tmp_path_factory):
     properties = {"max_request_size": str(MAX_REQUEST_BYTES), "max_response_size": str(MAX_REQUEST_BYTES)}
     models = {"pets": "pets.mar", "notes": "notes.mar", "oom": "notes.mar", "broken": "pets.mar", "slow": "notes.mar"}
     env = {"TSEXPLAIN_OOM_INJECT_FAULT": "oom", "TSEXPLAIN_BROKEN_INJECT_FAULT": "error"}
-    # 10,000 forward and backward passes of one row each cannot fit in 50 ms.
-    env.update({"TSEXPLAIN_SLOW_DEADLINE_MS": "50", "TSEXPLAIN_SLOW_MAX_N_STEPS": "10000",
-                "TSEXPLAIN_SLOW_N_STEPS": "10000", "TSEXPLAIN_SLOW_INTERNAL_BATCH_SIZE": "1"})
+    # 1,024 forward and backward passes of one row each cannot fit in 50 ms.
+    env.update({"TSEXPLAIN_SLOW_DEADLINE_MS": "50", "TSEXPLAIN_SLOW_MAX_N_STEPS": "1024",
+                "TSEXPLAIN_SLOW_N_STEPS": "1024", "TSEXPLAIN_SLOW_INTERNAL_BATCH_SIZE": "1"})
     with TorchServe(tmp / "store", models, tmp / "ts", properties=properties, env=env) as ts:
         yield ts
 
