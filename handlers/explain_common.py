@@ -19,6 +19,7 @@ from typing import Any, Optional
 from ts.metrics.dimension import Dimension
 
 from tsexplain import kserve
+from tsexplain.deadline import Deadline, DeadlineExceeded, enforce
 from tsexplain.cache import ExplanationCache, cache_key, fingerprint_files, model_version
 from tsexplain.errors import RequestError
 from tsexplain.parsing import request_body
@@ -39,6 +40,7 @@ class Prepared:
     inputs: Any  # this request's model input
     original: Any = None  # what the input was made from (the decoded image)
     skipped: Optional[str] = None  # why an asked-for explanation was denied (on_denied: predict)
+    deadline: Optional[Deadline] = None  # when this request's explanation work must stop
     method: Optional[str] = None  # the explanation method of this request (None: the model's default)
     contrast: Optional[int] = None  # class index to explain against (None: no contrast)
 
@@ -67,6 +69,12 @@ def explanation_failed(exc: BaseException) -> RequestError:
     if out_of_memory:
         return RequestError("the explanation ran out of memory; the prediction was not affected", "out_of_memory", 507)
     return RequestError("the explanation failed on the server", "explanation_failed", 503)
+
+
+def deadline_error(deadline: Deadline) -> RequestError:
+    """The error a request gets when its explanation went past its deadline."""
+    return RequestError(f"the explanation did not finish within its deadline of {deadline.limit_ms:g} ms "
+                        "(explain.deadline_ms, or the request's deadline_ms)", "deadline_exceeded", 504)
 
 
 def ranked_predictions(probabilities, labels: list[str], top_k: int) -> list[tuple[int, str, float]]:
@@ -187,6 +195,7 @@ class ExplainerFlow:
 
     def handle(self, data, context):
         start = time.perf_counter()
+        batch_start = time.monotonic()  # deadlines count from here
         self.context = responses = UnitResponses(context)
         final: list = [None] * len(data)
         units, kserve_rows = [], {}  # units: (row index, request body); KServe rows: {row: (request, units)}
@@ -208,12 +217,14 @@ class ExplainerFlow:
             try:
                 request = self._parse(row)
                 self._check_overrides(request)
+                limit_ms = self._deadline_ms(request)
                 item = self._prepare(unit, request)
                 if is_explain_request(context, idx):
                     headers = lower_case_headers(context.get_all_request_header(idx))
                     decision = self.gate.decide(headers, request.priority, granted)
                     if decision.allowed:
                         item.explain, granted = True, granted + 1
+                        item.deadline = None if limit_ms is None else Deadline(limit_ms, batch_start)
                     else:
                         self.count("ExplanationsDenied", method=item.method)
                         if self.explain_settings.on_denied == "reject":
@@ -288,6 +299,45 @@ class ExplainerFlow:
             raise RuntimeError("CUDA out of memory (injected by explain.inject_fault)")
         if fault == "error":
             raise RuntimeError("failure injected by explain.inject_fault")
+
+    def _deadline_ms(self, request) -> Optional[int]:
+        """The request's deadline: ``explain.deadline_ms``, or less when the request asks."""
+        limit, asked = self.explain_settings.deadline_ms, getattr(request, "deadline_ms", None)
+        if asked is None:
+            return limit
+        if limit is not None and asked > limit:
+            raise RequestError(f"'deadline_ms' may be at most {limit} for this model", "bad_deadline_ms")
+        return asked
+
+    def within_deadlines(self, keys: list, items: list, work):
+        """Run ``work(keys)``, the explanation work of ``items[k]`` for ``k`` in ``keys``,
+        each request within its own deadline.
+
+        Requests already past their deadline get a 504 error. The work runs under the
+        earliest deadline of the others; when it is stopped there, it runs again for
+        those still in time (so a request never fails for another's deadline).
+        Returns ``(keys explained, what work returned or None, {key: RequestError})``.
+        """
+        late: dict = {}
+        pending = list(keys)
+        while pending:
+            for k in [k for k in pending if items[k].deadline is not None and items[k].deadline.expired()]:
+                late[k] = deadline_error(items[k].deadline)
+                pending.remove(k)
+            if not pending:
+                break
+            deadlines = [items[k].deadline for k in pending if items[k].deadline is not None]
+            try:
+                with enforce(min(deadlines, key=lambda d: d.end, default=None)):
+                    result = work(pending)
+                break
+            except DeadlineExceeded:
+                continue  # the earliest deadline passed: answer it, run again for the others
+        if late:
+            self.count("ExplanationsTimedOut", len(late))
+            logger.warning("explanation deadline exceeded: %d request(s), limits_ms=%s", len(late),
+                           sorted({items[k].deadline.limit_ms for k in late}))
+        return pending, (result if pending else None), late
 
     def _check_overrides(self, request) -> None:
         settings = self.explain_settings

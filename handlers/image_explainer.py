@@ -128,11 +128,14 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
             began = time.perf_counter()
             try:
                 self.inject_fault()
-                out = self.gradcam.attribute(batch, [items[k].target for k in cam_rows], cam_rows,
-                                             [items[k].contrast for k in cam_rows], [items[k].method for k in cam_rows])
-                logits = out.logits if logits is None else logits
+                done, out, late = self.within_deadlines(cam_rows, items, lambda rows: self.gradcam.attribute(
+                    batch, [items[k].target for k in rows], rows, [items[k].contrast for k in rows],
+                    [items[k].method for k in rows]))
+                failures.update(late)
+                if out is not None:
+                    logits = out.logits if logits is None else logits
                 elapsed = (time.perf_counter() - began) * 1000
-                for j, k in enumerate(cam_rows):
+                for j, k in enumerate(done):
                     results[k] = {"heatmap": out.heatmaps[j], "target": out.targets[j], "elapsed_ms": elapsed}
             except Exception as exc:  # the explanations fail alone; predictions go on
                 self._failed(exc, cam_rows, items, failures)
@@ -192,15 +195,17 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         began = time.perf_counter()
         try:
             self.inject_fault()
-            out = self.integrated[method].attribute(
-                batch[[rows[j] for j in kept]], [targets[j] for j in kept], [items[rows[j]].contrast for j in kept],
+            position = {rows[j]: j for j in kept}
+            done, out, late = self.within_deadlines([rows[j] for j in kept], items, lambda ks: self.integrated[method].attribute(
+                batch[ks], [targets[position[k]] for k in ks], [items[k].contrast for k in ks],
                 n_steps=n_steps, internal_batch_size=settings.internal_batch_size, num_classes=len(self.labels),
-                method=settings.integration_method)
+                method=settings.integration_method))
         except Exception as exc:
             self._failed(exc, [rows[j] for j in kept], items, failures)
             return
+        failures.update(late)
         elapsed = (time.perf_counter() - began) * 1000
-        for i, j in enumerate(kept):
+        for i, j in enumerate(position[k] for k in done):
             results[rows[j]].update(attribution=out.maps[i], delta=float(out.delta[i]), gap=float(out.gap[i]),
                                     elapsed_ms=elapsed)
 

@@ -129,16 +129,17 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         lookup_ms = (time.perf_counter() - began) * 1000
         explanations, failure = dict(errors), None
         began = time.perf_counter()
-        try:
-            if groups:
+        for (method, n_steps, top_k), members in groups.items():  # each group fails or times out alone
+            try:
                 self.inject_fault()
-            for (method, n_steps, top_k), members in groups.items():
-                explanations.update(self._explain_group([items[k] for k in members], members, method, n_steps, top_k))
-        except Exception as exc:  # the explanation fails alone; predictions go on
-            logger.error("text explanation failed: %s", type(exc).__name__)
-            for (method, _, _), members in groups.items():
+                _, results, late = self.within_deadlines(members, items, lambda keys: self._explain_group(
+                    [items[k] for k in keys], keys, method, n_steps, top_k))
+                explanations.update(results or {})
+                explanations.update(late)
+            except Exception as exc:  # the explanation fails alone; predictions go on
+                logger.error("text explanation failed: %s", type(exc).__name__)
                 self.count("ExplanationsFailed", len(members), method=method)
-            failure = explanation_failed(exc)
+                explanations.update(dict.fromkeys(members, explanation_failed(exc)))
         explain_ms = (time.perf_counter() - began) * 1000
 
         top_k = self.model_settings.top_k or len(self.labels)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -54,7 +56,10 @@ def archive(name: str, version: str, handler: str, extra: Path, config: Path, ex
     archiver = Path(sys.executable).parent / "torch-model-archiver"
     if archiver.exists():
         command[0] = str(archiver)
-    subprocess.run(command, check=True)
+    # torch-model-archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps
+    # builds of the same name in parallel (other checkouts, tests) from mixing their files.
+    with tempfile.TemporaryDirectory(prefix="mar-") as private_tmp:
+        subprocess.run(command, check=True, env={**os.environ, "TMPDIR": private_tmp})
     mar = export / f"{name}.mar"
     print(f"built {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
     return mar

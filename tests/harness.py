@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -102,3 +103,10 @@ def build_text_mar(tmp: Path, name: str, family: str = "bert", config: dict | No
     build_mar.main(["text", "--name", name, "--model-dir", str(model_dir), "--config", str(config_file),
                     "--export-path", str(tmp / "store")])
     return tmp / "store" / f"{name}.mar"
+
+
+def has_internals(body) -> bool:
+    """A stack trace or a file path in an answer body (which must carry neither)."""
+    if isinstance(body, bytes):
+        body = body.decode(errors="replace")
+    return "Traceback" in body or re.search(r"\.py\b|site-packages|/(usr|home|tmp|work|opt|root|var)/", body) is not None

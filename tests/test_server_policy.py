@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness import build_text_mar
+from harness import build_text_mar, has_internals
 
 pytestmark = pytest.mark.server
 SECRET = "correct-horse-battery-staple"
@@ -82,7 +82,37 @@ def test_token_missing_wrong_right_and_header_case(server):
                                  json.dumps({"data": "ok", "priority": "gold"}).encode(),
                                  {"Content-Type": "application/json", "X-Explain-Token": SECRET})
     assert status == 200 and json.loads(raw)["explanation"] is not None
-    assert SECRET not in server.log_text()
+    assert_not_in_outputs(server, [SECRET])
+
+
+def assert_not_in_outputs(server, needles):
+    """None of ``needles`` in any log file of the server nor in its captured stdout/stderr."""
+    time.sleep(2)  # let the frontend flush its log appenders
+    outputs = server.output_files()
+    assert {"logs/model_log.log", "logs/access_log.log", "logs/ts_log.log", "torchserve.out"} <= set(outputs)
+    for needle in needles:
+        for path, text in outputs.items():
+            assert needle not in text, (needle, path)
+
+
+def test_nothing_sensitive_in_logs_or_captured_output(server):
+    """Tokens (right and wrong), the text and attribution values appear in no log
+    file and not in the captured output; error bodies carry no internals."""
+    text = "the quokka zanzibar marmalade review number 7391"
+    wrong = "wrong-token-5be1d3f0"
+    status, body = post(server, "explanations", "guarded", text=text, headers={"X-Tier": "gold", "X-Explain-Token": SECRET})
+    assert status == 200 and body["explanation"] is not None
+    explanation = body["explanation"]
+    status, denied = post(server, "explanations", "guarded", text=text, headers={"X-Tier": "gold", "X-Explain-Token": wrong})
+    assert status == 200 and denied["explanation"] is None
+    assert post(server, "predictions", "guarded", text=text, headers={"X-Explain-Token": wrong})[0] == 200
+    status, forbidden = post(server, "explanations", "off_reject", text=text, headers={"X-Explain-Token": SECRET})
+    assert status == 403 and not has_internals(json.dumps(forbidden))
+    values = [v for v in (t["attribution"] for t in explanation["tokens"] + explanation["words"]) if abs(v) > 1e-6]
+    assert values
+    needles = [SECRET, wrong, text, "quokka zanzibar", *(repr(v) for v in values)]
+    needles.append(repr(explanation["convergence_delta"]["absolute"]))
+    assert_not_in_outputs(server, needles)
 
 
 def test_per_batch_cap_answers_429_past_the_limit(server):
@@ -123,7 +153,7 @@ def test_metrics_and_one_log_line_per_explanation(server):
         assert re.search(rf"{name}\.\w+:[\d.]+\|#[^|]*Method:layer_ig", metrics), name
     log = server.log_text()
     assert "explanation method=layer_ig n_steps=" in log
-    assert "plums" not in log
+    assert_not_in_outputs(server, ["plums"])
 
 
 def test_routes_explanations_only(server):

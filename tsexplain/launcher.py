@@ -55,6 +55,9 @@ class TorchServe:
         self.management_url = f"http://127.0.0.1:{self.management_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         self.keys: dict = {}
+        # TorchServe also opens gRPC servers (default ports 7070/7071): free ports too, so
+        # that several instances can run side by side.
+        self.grpc_ports = (free_port(), free_port())
 
     def config_text(self) -> str:
         lines = {
@@ -67,6 +70,8 @@ class TorchServe:
             "grpc_management_port": str(free_port()),
             "model_store": str(self.model_store),
             "load_models": ",".join(f"{name}={mar}" for name, mar in self.models.items()),
+            "grpc_inference_port": str(self.grpc_ports[0]),
+            "grpc_management_port": str(self.grpc_ports[1]),
             "default_workers_per_model": "1",
             "model_metrics_auto_detect": "true",  # keep the handlers' custom metrics
             **self.properties,
@@ -162,6 +167,15 @@ class TorchServe:
         """The model workers' log (for assertions on what was logged)."""
         path = self.workdir / "logs" / "model_log.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def output_files(self) -> dict[str, str]:
+        """Everything this TorchServe wrote as text: each file under ``logs/``
+        (ts_log, model_log, access_log, model_metrics, ts_metrics...) and
+        ``torchserve.out``, the stdout and stderr of ``torchserve --start`` and of the
+        frontend it started, which inherits them (``{relative path: text}``)."""
+        paths = [p for p in (self.workdir / "logs").rglob("*") if p.is_file()]
+        paths.append(self.workdir / "torchserve.out")
+        return {str(p.relative_to(self.workdir)): p.read_text(errors="replace") for p in paths if p.exists()}
 
 
 

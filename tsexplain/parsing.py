@@ -16,9 +16,11 @@ from .images import decode_base64
 from .settings import HEATMAP_SIZES, IMAGE_OUTPUTS
 
 Target = Union[int, str, None]  # index, label, or None for the predicted class
-IMAGE_FIELDS = {"data", "target", "contrast", "method", "n_steps", "outputs", "heatmap_size", "top_k", "priority"}
+IMAGE_FIELDS = {"data", "target", "contrast", "method", "n_steps", "outputs", "heatmap_size", "top_k", "priority",
+                "deadline_ms"}
 MAX_N_STEPS = 10_000  # the hard bound; each model's explain.max_n_steps is checked by its handler
-TEXT_FIELDS = {"data", "target", "contrast", "method", "n_steps", "top_k", "html", "priority"}
+TEXT_FIELDS = {"data", "target", "contrast", "method", "n_steps", "top_k", "html", "priority", "deadline_ms"}
+MAX_DEADLINE_MS = 3_600_000  # the model's explain.deadline_ms bounds it further
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class ImageRequest:
     heatmap_size: Optional[str] = None
     top_k: Optional[int] = None
     priority: Optional[str] = None
+    deadline_ms: Optional[int] = None
 
 
 def request_body(row: Mapping[str, Any]) -> Any:
@@ -138,6 +141,7 @@ def parse_image_request(row: Mapping[str, Any]) -> ImageRequest:
         heatmap_size=heatmap_size,
         top_k=_optional_int(options, "top_k", 1, 1000),
         priority=_optional_str(options, "priority"),
+        deadline_ms=_optional_int(options, "deadline_ms", 1, MAX_DEADLINE_MS),
     )
 
 
@@ -151,6 +155,7 @@ class TextRequest:
     top_k: Optional[int] = None
     html: Optional[bool] = None
     priority: Optional[str] = None
+    deadline_ms: Optional[int] = None
 
 
 def _text(value: Any, max_chars: int) -> str:
@@ -191,6 +196,7 @@ def parse_text_request(row: Mapping[str, Any], max_chars: int, max_n_steps: int)
         top_k=_optional_int(options, "top_k", 1, 1000),
         html=html,
         priority=_optional_str(options, "priority"),
+        deadline_ms=_optional_int(options, "deadline_ms", 1, MAX_DEADLINE_MS),
     )
 
 

@@ -80,6 +80,8 @@ def _is_int(value: Any, low: int, high: int) -> bool:
 
 
 POLICIES = ("all", "priority", "off")
+DEFAULT_DEADLINE_MS = 30_000  # well inside TorchServe's default responseTimeout of 120 s
+MAX_DEADLINE_MS = 3_600_000
 ON_DENIED = ("predict", "reject")
 
 
@@ -97,6 +99,9 @@ class ExplainAccessSettings:
     KServe explain routes, and any request marked ``explain: True`` by its client
     on the legacy routes, which TorchServe cannot tell apart).
     ``max_instances``: the most instances one KServe v1/v2 request may carry.
+    ``deadline_ms``: time allowed to one request's explanation, counted from when
+    the worker starts on its batch; past it the request gets a 504 (``None``: no
+    limit). A request may ask for less with ``"deadline_ms"``.
     """
 
     section = "explain"
@@ -112,6 +117,7 @@ class ExplainAccessSettings:
     routes: list = field(default_factory=lambda: ["explanations", "kserve"])
     max_instances: int = 64  # instances in one KServe v1/v2 request
     inject_fault: Optional[str] = None  # tests only: "error" or "oom" makes every explanation fail
+    deadline_ms: Optional[int] = DEFAULT_DEADLINE_MS  # explanation work per request; None: no deadline
     cache_mb: float = 32  # explanation cache per worker (0: off); see docs/design.md
     cache_entries: int = 4096
 
@@ -139,6 +145,8 @@ class ExplainAccessSettings:
                "explain.routes must be [explanations] or [explanations, kserve]")
         _check(_is_int(self.max_instances, 1, 4096), "explain.max_instances must be an int in [1, 4096]")
         _check(self.inject_fault in (None, "error", "oom"), "explain.inject_fault must be null, error or oom")
+        _check(self.deadline_ms is None or _is_int(self.deadline_ms, 1, MAX_DEADLINE_MS),
+               f"explain.deadline_ms must be an int in [1, {MAX_DEADLINE_MS}] (milliseconds) or null")
         _check(isinstance(self.cache_mb, (int, float)) and not isinstance(self.cache_mb, bool)
                and 0 <= self.cache_mb <= 1 << 20, "explain.cache_mb must be a number in [0, 1048576] (0: off)")
         _check(_is_int(self.cache_entries, 0, 1 << 24), "explain.cache_entries must be an int in [0, 16777216] (0: off)")
@@ -204,7 +212,7 @@ class ImageExplainSettings(ExplainAccessSettings):
     ``heatmap_decimals`` rounds heatmap values in the JSON (compact responses).
     """
 
-    override_fields = ("target", "contrast", "method", "n_steps", "outputs", "heatmap_size", "top_k")
+    override_fields = ("target", "contrast", "method", "n_steps", "outputs", "heatmap_size", "top_k", "deadline_ms")
     target_layer: Optional[str] = None
     feature_layout: str = "auto"
     method: str = "gradcam"
@@ -279,7 +287,7 @@ class TextExplainSettings(ExplainAccessSettings):
     ``internal_batch_size``: rows per pass, or ``auto`` from ``memory_budget_mb``.
     """
 
-    override_fields = ("target", "method", "n_steps", "top_k", "html", "contrast")
+    override_fields = ("target", "method", "n_steps", "top_k", "html", "contrast", "deadline_ms")
     method: str = "layer_ig"
     methods: list = field(default_factory=lambda: list(TEXT_METHODS))
     layer: Optional[str] = None
