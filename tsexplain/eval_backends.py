@@ -239,6 +239,25 @@ class Served:
     def _post_json(self, route: str, payload: dict) -> Any:
         return self._post(route, json.dumps(payload).encode(), "application/json")
 
+    def _explanations(self, inputs: Sequence, payload: Callable[[Any], dict], method: Optional[str],
+                      required: str) -> list[dict]:
+        """The ``explanation`` of each input's /explanations answer (``payload(input)`` is its body),
+        checked to hold ``required``; the predictions in the answers teach the labels."""
+        def one(item):
+            body = payload(item)
+            if method:
+                body["method"] = method
+            return self._post_json("explanations", body)
+
+        out = []
+        for answer in self.pool.map(one, inputs):
+            explanation = answer.get("explanation")
+            if not explanation or required not in explanation:
+                raise EvaluationError(f"no explanation in the answer: {answer.get('explanation_skipped', answer)!r}")
+            self._learn_labels(answer["predictions"])
+            out.append(explanation)
+        return out
+
     def _learn_labels(self, predictions: list[dict]) -> None:
         for p in predictions:
             index = int(p["index"])
@@ -272,21 +291,10 @@ class ServedImage(Served):
     """An ``ImageExplainer`` model on TorchServe. Predictions ask for every class (``top_k``)."""
 
     def explain(self, images: Sequence[np.ndarray], method: Optional[str]) -> list[Explained]:
-        def one(image):
-            payload = {"data": _png_base64(image), "outputs": ["heatmap"], "top_k": 1000}
-            if method:
-                payload["method"] = method
-            return self._post_json("explanations", payload)
-
-        out = []
-        for answer in self.pool.map(one, images):
-            explanation = answer.get("explanation")
-            if not explanation or "heatmap" not in explanation:
-                raise EvaluationError(f"no explanation in the answer: {answer.get('explanation_skipped', answer)!r}")
-            self._learn_labels(answer["predictions"])
-            out.append(Explained(int(explanation["target"]["index"]), explanation.get("method", method),
-                                 heatmap=np.asarray(explanation["heatmap"]["values"], dtype=np.float32)))
-        return out
+        payload = lambda image: {"data": _png_base64(image), "outputs": ["heatmap"], "top_k": 1000}  # noqa: E731
+        return [Explained(int(e["target"]["index"]), e.get("method", method),
+                          heatmap=np.asarray(e["heatmap"]["values"], dtype=np.float32))
+                for e in self._explanations(images, payload, method, "heatmap")]
 
     def predict_proba(self, images) -> np.ndarray:
         answers = list(self.pool.map(
@@ -298,20 +306,10 @@ class ServedText(Served):
     """A ``TextExplainer`` model on TorchServe."""
 
     def explain(self, texts: Sequence[str], method: Optional[str]) -> list[Explained]:
-        def one(text):
-            payload = {"data": text}
-            if method:
-                payload["method"] = method
-            return self._post_json("explanations", payload)
-
         out = []
-        for answer in self.pool.map(one, texts):
-            explanation = answer.get("explanation")
-            if not explanation or "words" not in explanation:
-                raise EvaluationError(f"no explanation in the answer: {answer.get('explanation_skipped', answer)!r}")
-            self._learn_labels(answer["predictions"])
-            words = [{k: w[k] for k in ("word", "start", "end", "attribution")} for w in explanation["words"]]
-            out.append(Explained(int(explanation["target"]["index"]), explanation.get("method", method), words=words))
+        for e in self._explanations(texts, lambda text: {"data": text}, method, "words"):
+            words = [{k: w[k] for k in ("word", "start", "end", "attribution")} for w in e["words"]]
+            out.append(Explained(int(e["target"]["index"]), e.get("method", method), words=words))
         return out
 
     def predict_proba(self, texts) -> np.ndarray:
