@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ts.metrics.dimension import Dimension
+from ts.protocol.otf_message_handler import create_predict_response
 
 from tsexplain import kserve
 from tsexplain.deadline import Deadline, DeadlineExceeded, enforce
@@ -143,6 +144,18 @@ def adopt_envelope(handler) -> None:
         frame = frame.f_back
 
 
+@dataclass
+class _Batch:
+    """What ``handle`` knows of the batch it is answering."""
+
+    context: Any  # TorchServe's context
+    final: list  # each row's body, once answered
+    row_units: dict  # row -> its units (one, or a KServe request's instances)
+    kserve_rows: dict  # row -> its KServe request
+    answers: list  # each unit's body, once answered
+    sent: set = dataclasses.field(default_factory=set)  # rows answered early
+
+
 class ExplainerFlow:
     """Mixin for the handlers: per-request parsing, policy and answers.
 
@@ -162,6 +175,7 @@ class ExplainerFlow:
                     s.max_per_batch, ",".join(s.routes))
 
     cache = ExplanationCache(0, 0)  # off until _init_cache
+    _batch: Optional[_Batch] = None  # the batch being answered
     model_version = None
 
     def _init_cache(self, context) -> None:
@@ -198,7 +212,7 @@ class ExplainerFlow:
         batch_start = time.monotonic()  # deadlines count from here
         self.context = responses = UnitResponses(context)
         final: list = [None] * len(data)
-        units, kserve_rows = [], {}  # units: (row index, request body); KServe rows: {row: (request, units)}
+        units, kserve_rows, row_units = [], {}, {}  # units: (row, body); KServe rows: {row: request}
         for idx, row in enumerate(data):
             try:
                 request = self._kserve_request(context, idx, row)
@@ -206,12 +220,15 @@ class ExplainerFlow:
                 final[idx] = answer(context, idx, kserve.error_entry(error.to_json()), error.status)
                 continue
             if request is None:
+                row_units[idx] = range(len(units), len(units) + 1)
                 units.append((idx, row))
             else:
-                kserve_rows[idx] = (request, range(len(units), len(units) + len(request.instances)))
+                kserve_rows[idx] = request
+                row_units[idx] = range(len(units), len(units) + len(request.instances))
                 units.extend((idx, {"body": instance}) for instance in request.instances)
 
         answers: list = [None] * len(units)
+        self._batch = _Batch(context, final, row_units, kserve_rows, answers)
         items, granted = [], 0
         for unit, (idx, row) in enumerate(units):
             try:
@@ -235,27 +252,84 @@ class ExplainerFlow:
             except RequestError as error:
                 answers[unit] = answer_error(responses, unit, error)
         if items:
-            self._answer_batch(items, answers)
+            try:
+                self._answer_batch(items, answers)
+            except Exception as exc:
+                if not self._batch.sent:
+                    raise  # nothing answered yet: TorchServe fails the batch as a whole
+                # some requests are answered: the rest must be too, never the batch
+                logger.error("batch failed after early answers: %s", type(exc).__name__)
+                for unit, body in enumerate(answers):
+                    if body is None:
+                        answers[unit] = answer_error(responses, unit, explanation_failed(exc))
 
-        plain = iter(u for u, (idx, _) in enumerate(units) if idx not in kserve_rows)
-        for idx in range(len(data)):
-            if final[idx] is not None:
-                continue
-            if idx in kserve_rows:
-                request, members = kserve_rows[idx]
-                final[idx] = self._kserve_answer(context, idx, request, [(responses.status(u), answers[u])
-                                                                         for u in members])
-            else:
-                unit = next(plain)
-                code, phrase = responses.statuses.get(unit, (200, "OK"))
-                context.set_response_status(code, phrase, idx)
-                context.set_response_content_type(idx, JSON_CONTENT_TYPE)
-                final[idx] = answers[unit]
-        logger.info("batch size=%d explained=%d", len(data), granted)
+        for idx in row_units:
+            if idx not in self._batch.sent:
+                final[idx] = self._finish_row(idx)
+        logger.info("batch size=%d explained=%d answered_early=%d", len(data), granted, len(self._batch.sent))
         if kserve_rows:
-            logger.info("kserve requests=%d instances=%d", len(kserve_rows), sum(len(m) for _, m in kserve_rows.values()))
+            logger.info("kserve requests=%d instances=%d", len(kserve_rows), sum(len(row_units[i]) for i in kserve_rows))
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
+        self._batch = None
         return final
+
+    def _finish_row(self, idx: int) -> str:
+        """The final body of row ``idx`` from its units' answers, with its status set."""
+        batch = self._batch
+        context, members = batch.context, batch.row_units[idx]
+        if idx in batch.kserve_rows:
+            return self._kserve_answer(context, idx, batch.kserve_rows[idx],
+                                       [(self.context.status(u), batch.answers[u]) for u in members])
+        unit = members[0]
+        code, phrase = self.context.statuses.get(unit, (200, "OK"))
+        context.set_response_status(code, phrase, idx)
+        context.set_response_content_type(idx, JSON_CONTENT_TYPE)
+        return batch.answers[unit]
+
+    def answer_early(self) -> None:
+        """Send the answers that are ready now, before the batch's remaining explanation work.
+
+        The handler calls this when every request's answer is written except those
+        of explanations still to compute. The ready requests (predictions, denied,
+        cached or failed explanations) are answered at once; TorchServe 0.12 takes
+        one message per batch, so the first waiting explanation starts a chunked
+        answer (status 200 sent now, its body when done) that keeps the batch open.
+        See docs/design.md, "Early answers". Off with ``explain.early_answers: false``
+        and outside TorchServe (no worker socket).
+        """
+        batch = self._batch
+        if batch is None or batch.sent or not self.explain_settings.early_answers:
+            return
+        context = batch.context
+        socket = getattr(context, "cl_socket", None)
+        if socket is None or str(os.getenv("LOCAL_RANK", "0")) != "0":
+            return
+        ready, waiting = [], []
+        for idx, members in batch.row_units.items():
+            (ready if all(batch.answers[u] is not None for u in members) else waiting).append(idx)
+        ready += [idx for idx, body in enumerate(batch.final) if body is not None]  # rows already answered
+        if not ready or not waiting:
+            return
+        bodies = {idx: batch.final[idx] if batch.final[idx] is not None else self._finish_row(idx) for idx in ready}
+        carrier = min(waiting)
+        bodies[carrier] = ""
+        context.set_response_status(200, "OK", carrier)
+        context.set_response_content_type(carrier, JSON_CONTENT_TYPE)
+        request_ids = context.request_ids
+        message_ids = {idx: request_ids[idx] for idx in sorted(bodies)}
+        # per-request stream control: the carrier continues, the ready requests end here
+        context.stopping_criteria = {idx: (lambda _: False) if idx == carrier else (lambda _: None)
+                                     for idx in message_ids}
+        try:
+            message = create_predict_response(bodies, message_ids, "Prediction success", 200, context)
+        finally:
+            context.stopping_criteria = None
+        socket.sendall(message)
+        for idx in ready:
+            batch.final[idx] = bodies[idx]
+            del request_ids[idx]  # TorchServe's final message carries the others only
+        batch.sent.update(ready)
+        self.count("EarlyAnswers", len(ready))
 
     def _kserve_request(self, context, idx: int, row) -> "Optional[kserve.KServeRequest]":
         """The KServe request in row ``idx``, or ``None`` for a plain request.

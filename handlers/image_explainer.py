@@ -142,21 +142,19 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         if logits is None:
             logits = self.inference(batch)
         predicted = logits.argmax(dim=1).tolist()
-        steps = {k: items[k].request.n_steps or self.explain_settings.n_steps for k in pending}
-        for method in IG_METHODS:  # after the shared prediction forward, one captum call per step count
-            for n_steps in sorted({steps[k] for k in pending if items[k].method == method}):
-                rows = [k for k in pending if items[k].method == method and steps[k] == n_steps]
-                self._integrate(method, n_steps, batch, rows, items, predicted, results, failures)
         probabilities = F.softmax(logits.float(), dim=1).cpu()
+        steps = {k: items[k].request.n_steps or self.explain_settings.n_steps for k in pending}
+        integrated = [k for k in pending if items[k].method in IG_METHODS and k not in failures]
 
-        for k, item in enumerate(items):
+        def finish(k: int) -> None:
+            item = items[k]
             ranked = ranked_predictions(probabilities[k], self.labels, item.request.top_k or self.topk)
             if item.explain and k in hits:
                 explanation = hits[k]
                 explanation.update(cached=True, elapsed_ms=round(lookup_ms, 2))
                 self.record_explanation(lookup_ms, method=item.method, layer=explanation["layer"], cached=True)
                 answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
-                continue
+                return
             if item.explain and k not in failures and item.contrast == results.get(k, {}).get("target", item.target):
                 failures[k] = RequestError("'contrast' is the predicted class; name another class", "bad_contrast")
             if item.explain and k in failures:
@@ -172,6 +170,18 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
                 answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
             else:
                 answers[item.idx] = self.answer_prediction(item, ranked)
+
+        for k in range(len(items)):
+            if k not in integrated:
+                finish(k)
+        if integrated:
+            self.answer_early()  # the predictions and CAM maps need not wait for the integration
+        for method in IG_METHODS:  # after the shared prediction forward, one captum call per step count
+            for n_steps in sorted({steps[k] for k in integrated if items[k].method == method}):
+                rows = [k for k in integrated if items[k].method == method and steps[k] == n_steps]
+                self._integrate(method, n_steps, batch, rows, items, predicted, results, failures)
+        for k in integrated:
+            finish(k)
 
     def _output_params(self, item: Prepared) -> dict:
         """The request fields that shape the explanation part of the answer."""

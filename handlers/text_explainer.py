@@ -127,23 +127,11 @@ class TextExplainer(ExplainerFlow, TextClassifier):
                 else:
                     groups.setdefault(key, []).append(k)
         lookup_ms = (time.perf_counter() - began) * 1000
-        explanations, failure = dict(errors), None
-        began = time.perf_counter()
-        for (method, n_steps, top_k), members in groups.items():  # each group fails or times out alone
-            try:
-                self.inject_fault()
-                _, results, late = self.within_deadlines(members, items, lambda keys: self._explain_group(
-                    [items[k] for k in keys], keys, method, n_steps, top_k))
-                explanations.update(results or {})
-                explanations.update(late)
-            except Exception as exc:  # the explanation fails alone; predictions go on
-                logger.error("text explanation failed: %s", type(exc).__name__)
-                self.count("ExplanationsFailed", len(members), method=method)
-                explanations.update(dict.fromkeys(members, explanation_failed(exc)))
-        explain_ms = (time.perf_counter() - began) * 1000
-
+        explanations = dict(errors)
         top_k = self.model_settings.top_k or len(self.labels)
-        for k, item in enumerate(items):
+
+        def finish(k: int) -> None:
+            item = items[k]
             ranked = ranked_predictions(probabilities[k], self.labels, top_k)
             result = explanations.get(k)
             if item.explain and k in hits:
@@ -151,10 +139,8 @@ class TextExplainer(ExplainerFlow, TextClassifier):
                 explanation.update(cached=True, elapsed_ms=round(lookup_ms, 2))
                 self.record_explanation(lookup_ms, method=item.method, n_steps=explanation["n_steps"], cached=True)
                 answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
-            elif item.explain and isinstance(result, RequestError) and (failure is None or k in errors):
+            elif item.explain and isinstance(result, RequestError):
                 answers[item.idx] = answer_error(self.context, item.idx, result)
-            elif item.explain and failure is not None:
-                answers[item.idx] = answer_error(self.context, item.idx, failure)
             elif item.explain:
                 explanation = self._explanation(item, result)
                 if cache_keys.get(k) is not None:
@@ -165,6 +151,28 @@ class TextExplainer(ExplainerFlow, TextClassifier):
                 answers[item.idx] = answer(self.context, item.idx, envelope(ranked, explanation))
             else:
                 answers[item.idx] = self.answer_prediction(item, ranked)
+
+        waiting = {k for members in groups.values() for k in members}
+        for k in range(len(items)):
+            if k not in waiting:
+                finish(k)
+        if waiting:
+            self.answer_early()  # the predictions need not wait for the integration
+        began = time.perf_counter()
+        for (method, n_steps, top_k_words), members in groups.items():  # each group fails or times out alone
+            try:
+                self.inject_fault()
+                _, results, late = self.within_deadlines(members, items, lambda keys: self._explain_group(
+                    [items[k] for k in keys], keys, method, n_steps, top_k_words))
+                explanations.update(results or {})
+                explanations.update(late)
+            except Exception as exc:  # the explanation fails alone; predictions go on
+                logger.error("text explanation failed: %s", type(exc).__name__)
+                self.count("ExplanationsFailed", len(members), method=method)
+                explanations.update(dict.fromkeys(members, explanation_failed(exc)))
+        explain_ms = (time.perf_counter() - began) * 1000
+        for k in sorted(waiting):
+            finish(k)
 
     def _explain_group(self, group: list[Prepared], keys: list[int], method: str, n_steps, top_k: int) -> dict:
         """Explanations (or per-request errors) for requests sharing method, n_steps and top_k."""

@@ -115,6 +115,41 @@ def test_options_headers_and_server_errors_pass_through(tmp_path):
     assert not (tmp_path / "o.png").exists()
 
 
+class StreamedAnswer(http.server.BaseHTTPRequestHandler):
+    """Answers as TorchServe answers an early-answered batch's carrier: chunked, 200."""
+
+    protocol_version = "HTTP/1.1"
+    body = {}
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("ts_stream_next", "true")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        data = json.dumps(StreamedAnswer.body).encode()
+        self.wfile.write(b"0\r\n\r\n" if not data else f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_error_in_a_streamed_200_is_an_error():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StreamedAnswer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = client.ExplainClient(f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        StreamedAnswer.body = {"code": 504, "type": "deadline_exceeded", "message": "the explanation did not finish"}
+        with pytest.raises(client.ServerError) as raised:
+            api.explain("reviews", "some text")
+        assert raised.value.status == 504 and raised.value.body["type"] == "deadline_exceeded"
+        StreamedAnswer.body = {"predictions": [], "explanation": {"method": "layer_ig"}}
+        assert api.explain("reviews", "some text") == StreamedAnswer.body
+    finally:
+        server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def server(demo_store, tmp_path_factory):
     from tsexplain.launcher import TorchServe

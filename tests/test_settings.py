@@ -62,6 +62,8 @@ def test_text_settings_bounds():
 
     with pytest.raises(ConfigError, match="n_steps"):
         load_section(TextExplainSettings, {"n_steps": 300, "max_n_steps": 256}, "m", {})
+    with pytest.raises(ConfigError, match="max_n_steps"):  # more than the text explainers take
+        load_section(TextExplainSettings, {"max_n_steps": 4096}, "m", {})
     s = load_section(TextExplainSettings, {"request_overrides": ["target"]}, "m", {"TSEXPLAIN_POLICY": "priority"})
     assert s.policy == "priority" and s.allows_override("target") and not s.allows_override("n_steps")
 

@@ -90,7 +90,8 @@ class ExplainClient:
                                          headers={**self.headers, "Content-Type": content_type})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
+                answer = json.loads(response.read())
+                streamed = response.headers.get("ts_stream_next") is not None
         except urllib.error.HTTPError as error:
             raw = error.read()
             try:
@@ -98,6 +99,9 @@ class ExplainClient:
             except ValueError:
                 body = raw.decode("utf-8", "replace")
             raise ServerError(error.code, body) from None
+        if streamed and isinstance(answer, dict) and isinstance(answer.get("code"), int) and "message" in answer:
+            raise ServerError(answer["code"], answer)  # an early-answered batch: the status went out as 200
+        return answer
 
 
 def png_size(png: bytes) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import yaml
 
 from .errors import ConfigError
 from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .text_attribution import MAX_N_STEPS as MAX_TEXT_N_STEPS
 from .text_methods import TEXT_METHODS
 
 T = TypeVar("T")
@@ -102,6 +103,9 @@ class ExplainAccessSettings:
     ``deadline_ms``: time allowed to one request's explanation, counted from when
     the worker starts on its batch; past it the request gets a 504 (``None``: no
     limit). A request may ask for less with ``"deadline_ms"``.
+    ``early_answers``: in a batch that mixes predictions with explanations whose
+    work is still to run (integrated gradients, occlusion), answer the ready
+    requests before that work (see docs/design.md, "Early answers").
     """
 
     section = "explain"
@@ -120,6 +124,7 @@ class ExplainAccessSettings:
     deadline_ms: Optional[int] = DEFAULT_DEADLINE_MS  # explanation work per request; None: no deadline
     cache_mb: float = 32  # explanation cache per worker (0: off); see docs/design.md
     cache_entries: int = 4096
+    early_answers: bool = True
 
     override_fields = ()  # the request fields a model type knows
 
@@ -149,6 +154,7 @@ class ExplainAccessSettings:
                f"explain.deadline_ms must be an int in [1, {MAX_DEADLINE_MS}] (milliseconds) or null")
         _check(isinstance(self.cache_mb, (int, float)) and not isinstance(self.cache_mb, bool)
                and 0 <= self.cache_mb <= 1 << 20, "explain.cache_mb must be a number in [0, 1048576] (0: off)")
+        _check(isinstance(self.early_answers, bool), "explain.early_answers must be true or false")
         _check(_is_int(self.cache_entries, 0, 1 << 24), "explain.cache_entries must be an int in [0, 16777216] (0: off)")
         _check(self.request_overrides is None or (isinstance(self.request_overrides, (list, tuple))
                and set(self.request_overrides) <= set(self.override_fields)),
@@ -312,7 +318,8 @@ class TextExplainSettings(ExplainAccessSettings):
         _check(self.method in self.methods, f"explain.method {self.method!r} must be one of explain.methods {list(self.methods)}")
         _check(self.layer is None or (isinstance(self.layer, str) and self.layer), "explain.layer must be a dotted module name")
         _check(self.baseline in ("pad", "unk", "mask"), "explain.baseline must be one of ['pad', 'unk', 'mask']")
-        _check(_is_int(self.max_n_steps, 1, 10_000), "explain.max_n_steps must be an int in [1, 10000]")
+        _check(_is_int(self.max_n_steps, 1, MAX_TEXT_N_STEPS),
+               f"explain.max_n_steps must be an int in [1, {MAX_TEXT_N_STEPS}]")
         _check(self.n_steps == "auto" or _is_int(self.n_steps, 1, self.max_n_steps),
                "explain.n_steps must be an int in [1, max_n_steps] or auto")
         _check(_is_int(self.adaptive_max, 1, 1024), "explain.adaptive_max must be an int in [1, 1024]")

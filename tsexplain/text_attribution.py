@@ -33,6 +33,8 @@ DEFAULT_INTERNAL_BATCH_SIZE = 64
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+MAX_N_STEPS = 1024  # integration steps one text explanation may take
+
 
 @dataclass(frozen=True)
 class AdaptiveSteps:
@@ -774,12 +776,12 @@ def _baseline_id(tokenizer, baseline):
 
 
 def _is_steps(n_steps):
-    return isinstance(n_steps, int) and not isinstance(n_steps, bool) and 1 <= n_steps <= 1024
+    return isinstance(n_steps, int) and not isinstance(n_steps, bool) and 1 <= n_steps <= MAX_N_STEPS
 
 
 def _check_n_steps(n_steps, error):
     if n_steps != "auto" and not _is_steps(n_steps):
-        raise error(f"n_steps must be an integer in [1, 1024] or 'auto', got {n_steps!r}")
+        raise error(f"n_steps must be an integer in [1, {MAX_N_STEPS}] or 'auto', got {n_steps!r}")
     return n_steps
 
 
