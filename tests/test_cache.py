@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from harness import EXPLAIN, InProcessHandler, build_image_mar, build_text_mar, png, unpack
-from tsexplain.cache import ExplanationCache, cache_key, fingerprint_files, model_version
+from tsexplain.cache import PREDICTED, ExplanationCache, cache_key, fingerprint_files, model_version
 
 KEY_ARGS = dict(data=b"some text", model_version="1.0+abc", method="layer_ig", target=1,
                 params={"n_steps": 50, "outputs": ["heatmap"], "precision": "fp32"})
@@ -35,10 +35,15 @@ def test_key_changes_with_every_part():
     ]
     keys = {cache_key(**{**KEY_ARGS, **change}) for change in changes}
     assert base not in keys and len(keys) == len(changes)
-    # parameter order does not matter; the target must be resolved
+    # parameter order does not matter
     assert cache_key(**{**KEY_ARGS, "params": dict(reversed(list(KEY_ARGS["params"].items())))}) == base
-    with pytest.raises(TypeError):
-        cache_key(**{**KEY_ARGS, "target": None})
+    # the target is a class index or the symbolic "predicted class", which no index can collide with
+    indexed = {cache_key(**{**KEY_ARGS, "target": t}) for t in range(1000)}
+    symbolic = cache_key(**{**KEY_ARGS, "target": PREDICTED})
+    assert len(indexed) == 1000 and symbolic not in indexed and symbolic == cache_key(**{**KEY_ARGS, "target": "predicted"})
+    for bad in (None, "1", "Predicted", True, 1.0, [1]):
+        with pytest.raises(TypeError):
+            cache_key(**{**KEY_ARGS, "target": bad})
 
 
 def test_hit_returns_an_identical_fresh_copy():
