@@ -21,7 +21,7 @@ from ts.protocol.otf_message_handler import create_predict_response
 
 from tsexplain import kserve
 from tsexplain.deadline import Deadline, DeadlineExceeded, enforce
-from tsexplain.cache import ExplanationCache, cache_key, fingerprint_files, model_version
+from tsexplain.cache import PREDICTED, ExplanationCache, cache_key, fingerprint_files, model_version
 from tsexplain.errors import RequestError
 from tsexplain.parsing import request_body
 from tsexplain.policy import EXPLANATIONS_ROUTE_MARKER, ExplanationGate, load_secret, lower_case_headers
@@ -193,19 +193,39 @@ class ExplainerFlow:
             logger.info("explanation cache: %s MB, %d entries, model version %s (hashed in %.0f ms)", s.cache_mb,
                         s.cache_entries, self.model_version, (time.perf_counter() - began) * 1000)
 
-    def explanation_key(self, data: bytes, method: str, target: int, params: dict) -> Optional[str]:
-        """The cache key of an explanation (None when the cache is off)."""
+    def explanation_key(self, data: bytes, method: str, target: Optional[int], params: dict) -> Optional[str]:
+        """The cache key of an explanation (None when the cache is off). ``target``: the
+        class index the request named, or None for the predicted class, keyed as
+        :data:`~tsexplain.cache.PREDICTED` (a hit under it must pass :meth:`usable_hit`)."""
         if not self.cache.enabled:
             return None
-        return cache_key(data, self.model_version, method, target, {"settings": self._settings_key, "request": params})
+        return cache_key(data, self.model_version, method, PREDICTED if target is None else target,
+                         {"settings": self._settings_key, "request": params})
 
-    def cached_explanation(self, key: Optional[str], method: Optional[str] = None) -> Optional[dict]:
-        """The cached explanation under ``key`` (a fresh copy) or None; counts the hit or miss."""
+    def cached_explanation(self, key: Optional[str], method: Optional[str] = None, count: bool = True) -> Optional[dict]:
+        """The cached explanation under ``key`` (a fresh copy) or None; counts the hit or
+        miss (``count=False``: the caller counts it with :meth:`count_cache` once it has
+        checked the hit with :meth:`usable_hit`)."""
         if key is None:
             return None
         found = self.cache.get(key)
-        self.count("ExplanationCacheHits" if found is not None else "ExplanationCacheMisses", method=method)
+        if count:
+            self.count_cache(found is not None, method)
         return found
+
+    def count_cache(self, hit: bool, method: Optional[str] = None) -> None:
+        self.count("ExplanationCacheHits" if hit else "ExplanationCacheMisses", method=method)
+
+    def usable_hit(self, found: dict, target: Optional[int], predicted: int) -> bool:
+        """Whether a cached explanation answers a request whose named ``target`` is given
+        (always) or None: then only when it explains ``predicted``, the class this batch's
+        forward predicts for the request. A near-tie can flip with the batch's company, and
+        an answer must never pair the predictions with a map of another class. An unusable
+        hit counts as a miss; the request's fresh explanation replaces the entry."""
+        if target is not None or found["target"]["index"] == predicted:
+            return True
+        self.cache.reject()
+        return False
 
     def handle(self, data, context):
         start = time.perf_counter()

@@ -108,40 +108,34 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         failures: dict[int, RequestError] = {}
         hits, cache_keys, logits = {}, {}, None
         lookup_ms = 0.0
-        if explained and self.cache.enabled:
+        if explained and self.cache.enabled:  # no forward needed: no target is keyed as "the predicted class"
             began = time.perf_counter()
-            if any(items[k].target is None for k in explained):
-                logits = self.inference(batch)  # the predicted class is part of the cache key
             for k in explained:
                 item = items[k]
-                target = item.target if item.target is not None else int(logits[k].argmax())
-                if item.contrast == target:
-                    continue  # answered bad_contrast below
-                cache_keys[k] = self.explanation_key(item.request.image, item.method, target, self._output_params(item))
-                found = self.cached_explanation(cache_keys[k], item.method)
+                cache_keys[k] = self.explanation_key(item.request.image, item.method, item.target,
+                                                     self._output_params(item))
+                found = self.cached_explanation(cache_keys[k], item.method, count=False)
                 if found is not None:
                     hits[k] = found
             lookup_ms = (time.perf_counter() - began) * 1000
         pending = [k for k in explained if k not in hits]
         cam_rows = [k for k in pending if items[k].method in IMAGE_CAM_METHODS]
         if cam_rows:  # one forward pass for the predictions and every CAM map of the batch
-            began = time.perf_counter()
-            try:
-                self.inject_fault()
-                done, out, late = self.within_deadlines(cam_rows, items, lambda rows: self.gradcam.attribute(
-                    batch, [items[k].target for k in rows], rows, [items[k].contrast for k in rows],
-                    [items[k].method for k in rows]))
-                failures.update(late)
-                if out is not None:
-                    logits = out.logits if logits is None else logits
-                elapsed = (time.perf_counter() - began) * 1000
-                for j, k in enumerate(done):
-                    results[k] = {"heatmap": out.heatmaps[j], "target": out.targets[j], "elapsed_ms": elapsed}
-            except Exception as exc:  # the explanations fail alone; predictions go on
-                self._failed(exc, cam_rows, items, failures)
+            logits = self._cam(batch, cam_rows, items, {k: items[k].target for k in cam_rows}, results, failures)
         if logits is None:
             logits = self.inference(batch)
         predicted = logits.argmax(dim=1).tolist()
+        stale = [k for k in hits if not self.usable_hit(hits[k], items[k].target, predicted[k])]
+        for k in cache_keys:
+            self.count_cache(k in hits and k not in stale, items[k].method)
+        for k in stale:  # computed again, for the class this forward predicts
+            del hits[k]
+            pending.append(k)
+            if items[k].contrast == predicted[k]:
+                failures[k] = RequestError("'contrast' is the predicted class; name another class", "bad_contrast")
+        stale_cam = [k for k in stale if items[k].method in IMAGE_CAM_METHODS and k not in failures]
+        if stale_cam:
+            self._cam(batch, stale_cam, items, {k: predicted[k] for k in stale_cam}, results, failures, fused=False)
         probabilities = F.softmax(logits.float(), dim=1).cpu()
         steps = {k: items[k].request.n_steps or self.explain_settings.n_steps for k in pending}
         integrated = [k for k in pending if items[k].method in IG_METHODS and k not in failures]
@@ -182,6 +176,30 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
                 self._integrate(method, n_steps, batch, rows, items, predicted, results, failures)
         for k in integrated:
             finish(k)
+
+    def _cam(self, batch, rows, items, targets, results, failures, fused: bool = True):
+        """CAM maps of ``rows`` (``targets[k]``: a class index, or None for the predicted
+        class) in one forward and partial backward pass, into ``results``. ``fused``: the
+        pass runs the whole batch and returns its logits (the predictions; None when every
+        row failed or ran out of time); otherwise it runs ``rows`` alone and returns None."""
+        began = time.perf_counter()
+        try:
+            self.inject_fault()
+
+            def work(keys):
+                inputs, explained = (batch, keys) if fused else (batch[keys], list(range(len(keys))))
+                return self.gradcam.attribute(inputs, [targets[k] for k in keys], explained,
+                                              [items[k].contrast for k in keys], [items[k].method for k in keys])
+
+            done, out, late = self.within_deadlines(rows, items, work)
+        except Exception as exc:  # the explanations fail alone; predictions go on
+            self._failed(exc, rows, items, failures)
+            return None
+        failures.update(late)
+        elapsed = (time.perf_counter() - began) * 1000
+        for j, k in enumerate(done):
+            results[k] = {"heatmap": out.heatmaps[j], "target": out.targets[j], "elapsed_ms": elapsed}
+        return out.logits if fused and out is not None else None
 
     def _output_params(self, item: Prepared) -> dict:
         """The request fields that shape the explanation part of the answer."""

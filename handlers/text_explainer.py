@@ -110,18 +110,23 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         hits, cache_keys = {}, {}
         for k, item in enumerate(items):
             if item.explain:
+                named, predicted = item.target, int(probabilities[k].argmax())
                 if item.target is None:
-                    item.target = int(probabilities[k].argmax())
+                    item.target = predicted
                 if item.contrast == item.target:  # the predicted class was asked as the contrast
                     errors[k] = RequestError("'contrast' is the explained (predicted) class", "bad_contrast")
                     continue
                 n_steps = (item.request.n_steps or settings.n_steps) if item.method == "layer_ig" else None
                 key = (item.method, n_steps, item.request.top_k or settings.top_k_words)
-                cache_keys[k] = self.explanation_key(
-                    item.inputs.encode("utf-8"), item.method, item.target,
+                cache_keys[k] = self.explanation_key(  # no target: keyed as "the predicted class", as for images
+                    item.inputs.encode("utf-8"), item.method, named,
                     {"n_steps": n_steps, "top_k": key[2], "html": self._wants_html(item), "contrast": item.contrast},
                 )
-                found = self.cached_explanation(cache_keys[k], item.method)
+                found = self.cached_explanation(cache_keys[k], item.method, count=False)
+                if found is not None and not self.usable_hit(found, named, predicted):
+                    found = None  # stored when another class was predicted: explained again
+                if cache_keys[k] is not None:
+                    self.count_cache(found is not None, item.method)
                 if found is not None:
                     hits[k] = found
                 else:

@@ -1,7 +1,9 @@
 """The explanation cache: core LRU and key, and both handlers in process."""
 
+import base64
 import json
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from harness import EXPLAIN, InProcessHandler, build_image_mar, build_text_mar, png, unpack
-from tsexplain.cache import ExplanationCache, cache_key, fingerprint_files, model_version
+from tsexplain.cache import PREDICTED, ExplanationCache, cache_key, fingerprint_files, model_version
 
 KEY_ARGS = dict(data=b"some text", model_version="1.0+abc", method="layer_ig", target=1,
                 params={"n_steps": 50, "outputs": ["heatmap"], "precision": "fp32"})
@@ -35,10 +37,15 @@ def test_key_changes_with_every_part():
     ]
     keys = {cache_key(**{**KEY_ARGS, **change}) for change in changes}
     assert base not in keys and len(keys) == len(changes)
-    # parameter order does not matter; the target must be resolved
+    # parameter order does not matter
     assert cache_key(**{**KEY_ARGS, "params": dict(reversed(list(KEY_ARGS["params"].items())))}) == base
-    with pytest.raises(TypeError):
-        cache_key(**{**KEY_ARGS, "target": None})
+    # the target is a class index or the symbolic "predicted class", which no index can collide with
+    indexed = {cache_key(**{**KEY_ARGS, "target": t}) for t in range(1000)}
+    symbolic = cache_key(**{**KEY_ARGS, "target": PREDICTED})
+    assert len(indexed) == 1000 and symbolic not in indexed and symbolic == cache_key(**{**KEY_ARGS, "target": "predicted"})
+    for bad in (None, "1", "Predicted", True, 1.0, [1]):
+        with pytest.raises(TypeError):
+            cache_key(**{**KEY_ARGS, "target": bad})
 
 
 def test_hit_returns_an_identical_fresh_copy():
@@ -142,12 +149,48 @@ def test_text_changed_request_misses(text_handler):
     for change in changes:
         [(status, body)] = text_handler([({**base, **change}, EXPLAIN)])
         assert status == 200 and body["explanation"]["cached"] is False, change
-    # the resolved target counts: no target means the predicted class, the same key as naming it
+    # no target is keyed as "the predicted class", apart from naming a class (named: its index)
     [(_, predicted)] = text_handler([({"data": "a dull and long film"}, EXPLAIN)])
     label = predicted["predictions"][0]["label"]
+    assert predicted["explanation"]["cached"] is False and predicted["explanation"]["target"]["label"] == label
     [(_, named)] = text_handler([({"data": "a dull and long film", "target": label}, EXPLAIN)])
-    assert named["explanation"]["cached"] is True
-    assert named["explanation"]["target"]["label"] == label
+    assert named["explanation"]["cached"] is (label == "negative")  # only the base request named a class before
+    [(_, again)] = text_handler([({"data": "a dull and long film"}, EXPLAIN)])
+    assert again["explanation"]["cached"] is True and again["explanation"]["target"]["label"] == label
+
+
+def new_keys(handler, requests):
+    """The answers to ``requests`` and the cache keys they stored."""
+    before = set(handler.handler.cache._entries)
+    out = handler(requests)
+    return out, [key for key in handler.handler.cache._entries if key not in before]
+
+
+def plant_other_class(handler, body):
+    """Store under ``body()``'s key (no target) the explanation of another class, as if
+    it had been cached while a near-tie went the other way. Returns the first answer."""
+    [(_, first)], [symbolic] = new_keys(handler, [(body(), EXPLAIN)])
+    other = (first["predictions"][0]["index"] + 1) % 3
+    [(_, named)], [explicit] = new_keys(handler, [(body(target=other), EXPLAIN)])
+    assert named["explanation"]["target"]["index"] == other
+    handler.handler.cache.put(symbolic, json.loads(handler.handler.cache._entries[explicit]))
+    return first
+
+
+def test_text_stale_predicted_hit_is_explained_again(text_handler):
+    def body(**fields):
+        return {"data": "an odd little tale", **fields}
+
+    first = plant_other_class(text_handler, body)
+    cache, misses = text_handler.handler.cache, metric_count(text_handler, "ExplanationCacheMisses")
+    hits = cache.hits
+    [(status, again)] = text_handler([(body(), EXPLAIN)])
+    assert status == 200 and again["explanation"]["cached"] is False
+    assert again["explanation"]["target"]["index"] == again["predictions"][0]["index"]
+    assert without_volatile(again["explanation"]) == without_volatile(first["explanation"])
+    assert metric_count(text_handler, "ExplanationCacheMisses") == misses + 1 and cache.hits == hits
+    [(_, third)] = text_handler([(body(), EXPLAIN)])  # the fresh explanation replaced the entry
+    assert third["explanation"]["cached"] is True and third["explanation"]["target"] == first["explanation"]["target"]
 
 
 def test_text_predictions_are_never_cached(text_handler, monkeypatch):
@@ -210,7 +253,6 @@ def test_image_repeat_hits_and_changes_miss(image_handler, monkeypatch):
     predicted = first["predictions"][0]["index"]
     other = (predicted + 1) % 3
     changes = [{"target": other}, {"outputs": ["heatmap", "overlay_png"]}, {"heatmap_size": "input"}]
-    import base64
     for change in changes:
         body = {"data": base64.b64encode(data).decode(), **change}
         [(status, answer)] = image_handler([(json.dumps(body).encode(), EXPLAIN)])
@@ -220,3 +262,84 @@ def test_image_repeat_hits_and_changes_miss(image_handler, monkeypatch):
     out = image_handler([(data, EXPLAIN), (picture(2), EXPLAIN), (picture(2), {})])
     assert [body["explanation"]["cached"] for _, body in out[:2]] == [True, False]
     assert out[2][1] == {p["label"]: p["probability"] for p in out[1][1]["predictions"]}
+
+
+@contextmanager
+def forwards(model):
+    """The batch size of every forward pass of ``model`` while inside."""
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda _module, args: sizes.append(args[0].shape[0]))
+    try:
+        yield sizes
+    finally:
+        handle.remove()
+
+
+def image_body(data):
+    def body(**fields):
+        return json.dumps({"data": base64.b64encode(data).decode(), **fields}).encode()
+    return body
+
+
+def test_image_untargeted_miss_runs_one_forward(image_handler):
+    handler = image_handler.handler
+    assert handler.cache.enabled
+    with forwards(handler.model) as sizes:
+        [(status, body)] = image_handler([(picture(10), EXPLAIN)])
+    assert status == 200 and body["explanation"]["cached"] is False
+    assert sizes == [1]  # the fused Grad-CAM pass; it gives the predictions too
+    with forwards(handler.model) as sizes:  # misses, a hit and a prediction: still one pass
+        out = image_handler([(picture(11), EXPLAIN), (picture(10), EXPLAIN), (picture(12), EXPLAIN), (picture(13), {})])
+    assert [b["explanation"]["cached"] for _, b in out[:3]] == [False, True, False] and sizes == [4]
+    with forwards(handler.model) as sizes:  # hits only: the prediction forward alone
+        out += image_handler([(picture(11), EXPLAIN), (picture(12), EXPLAIN)])
+    assert [b["explanation"]["cached"] for _, b in out[4:]] == [True, True] and sizes == [2]
+    for _, answer in out[:3] + out[4:]:
+        assert answer["explanation"]["target"]["index"] == answer["predictions"][0]["index"]
+    assert not handler.model._forward_pre_hooks
+
+
+def test_image_stale_predicted_hit_is_explained_again(image_handler):
+    handler = image_handler.handler
+    body = image_body(picture(20))
+    first = plant_other_class(image_handler, body)
+    misses, hits = metric_count(image_handler, "ExplanationCacheMisses"), handler.cache.hits
+    with forwards(handler.model) as sizes:
+        [(status, again)] = image_handler([(body(), EXPLAIN)])
+    assert status == 200 and again["explanation"]["cached"] is False
+    assert again["predictions"] == first["predictions"]
+    assert again["explanation"]["target"] == first["explanation"]["target"]
+    assert again["explanation"]["target"]["index"] == again["predictions"][0]["index"]
+    np.testing.assert_allclose(again["explanation"]["heatmap"]["values"], first["explanation"]["heatmap"]["values"],
+                               atol=2e-3)
+    assert sizes == [1, 1]  # the prediction forward, then a Grad-CAM pass of the stale row
+    assert metric_count(image_handler, "ExplanationCacheMisses") == misses + 1 and handler.cache.hits == hits
+    [(_, third)] = image_handler([(body(), EXPLAIN)])  # the fresh explanation replaced the entry
+    assert third["explanation"]["cached"] is True and third["explanation"]["target"] == first["explanation"]["target"]
+
+    # beside a fresh miss: the fused pass of the batch, then the stale row alone
+    stale = image_body(picture(22))
+    plant_other_class(image_handler, stale)
+    with forwards(handler.model) as sizes:
+        out = image_handler([(picture(23), EXPLAIN), (stale(), EXPLAIN)])
+    assert sizes == [2, 1] and [b["explanation"]["cached"] for _, b in out] == [False, False]
+    for _, answer in out:
+        assert answer["explanation"]["target"]["index"] == answer["predictions"][0]["index"]
+
+
+def test_image_stale_hit_whose_contrast_is_now_predicted(image_handler):
+    handler = image_handler.handler
+    body = image_body(picture(30))
+    [(_, first)] = image_handler([(body(), EXPLAIN)])
+    predicted = first["predictions"][0]["index"]
+    other = (predicted + 1) % 3
+    [(status, _)] = image_handler([(body(contrast=predicted), EXPLAIN)])
+    assert status == 400  # the predicted class as the contrast, without the cache
+    # the key of that request, holding an explanation of another class against it
+    item = handler._prepare(0, handler._parse({"body": body(contrast=predicted)}))
+    key = handler.explanation_key(item.request.image, item.method, None, handler._output_params(item))
+    [(_, named)], [explicit] = new_keys(image_handler, [(body(target=other, contrast=predicted), EXPLAIN)])
+    handler.cache.put(key, json.loads(handler.cache._entries[explicit]))
+    with forwards(handler.model) as sizes:
+        [(status, answer)] = image_handler([(body(contrast=predicted), EXPLAIN)])
+    assert status == 400 and answer["type"] == "bad_contrast" and sizes == [1]

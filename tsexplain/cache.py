@@ -13,26 +13,31 @@ import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 SKIPPED_DIRS = {"__pycache__"}
+# The key's target for a request that names none: "the class the model predicts". A string, so in the
+# key's JSON it can never equal a class index (labels are resolved to indices before keying).
+PREDICTED = "predicted"
 
 
-def cache_key(data: bytes, model_version: str, method: str, target: int, params: Mapping[str, Any]) -> str:
+def cache_key(data: bytes, model_version: str, method: str, target: Union[int, str], params: Mapping[str, Any]) -> str:
     """sha256 (hex) over everything an explanation depends on.
 
     Args:
         data: the input's bytes (image file bytes, UTF-8 text).
         model_version: see :func:`model_version`.
         method: the explanation method.
-        target: the resolved class index (never None: resolve the predicted class first).
+        target: the class index the request named, or :data:`PREDICTED` for a request
+            that names none (the caller checks that a hit under it explains the class
+            predicted now).
         params: every other setting or request field that changes the answer; values
             must be JSON-serialisable (lists, numbers, strings, None).
     """
     if not isinstance(data, (bytes, bytearray)):
         raise TypeError("cache_key needs the input as bytes")
-    if not isinstance(target, int) or isinstance(target, bool):
-        raise TypeError("cache_key needs the resolved target class index")
+    if not (target == PREDICTED if isinstance(target, str) else isinstance(target, int) and not isinstance(target, bool)):
+        raise TypeError(f"cache_key needs a class index or {PREDICTED!r} as the target")
     header = json.dumps(
         {"model": model_version, "method": method, "target": target, "params": params},
         sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
@@ -116,6 +121,13 @@ class ExplanationCache:
             self._entries.move_to_end(key)
             self.hits += 1
         return json.loads(stored)
+
+    def reject(self) -> None:
+        """Count the last hit as a miss: the caller could not use it (an entry under
+        :data:`PREDICTED` that explains another class than the one predicted now)."""
+        with self._lock:
+            self.hits -= 1
+            self.misses += 1
 
     def put(self, key: str, value: Mapping[str, Any]) -> bool:
         """Store ``value`` under ``key``, evicting the least recently used entries
