@@ -139,6 +139,7 @@ def adopt_envelope(handler) -> None:
                 envelope_instance.format_output = lambda answers: answers
                 logger.info("service envelope %s: requests pass through; the handler reads KServe v1/v2 bodies", name)
             else:
+                handler.foreign_envelope = True  # it rewrites answers: none may bypass it (early answers)
                 logger.warning("service envelope %s wraps the handler; its format is not the handler's", name)
             return
         frame = frame.f_back
@@ -176,6 +177,7 @@ class ExplainerFlow:
 
     cache = ExplanationCache(0, 0)  # off until _init_cache
     _batch: Optional[_Batch] = None  # the batch being answered
+    foreign_envelope = False  # a service envelope other than KServe's wraps the answers
     model_version = None
 
     def _init_cache(self, context) -> None:
@@ -315,10 +317,11 @@ class ExplainerFlow:
         one message per batch, so the first waiting explanation starts a chunked
         answer (status 200 sent now, its body when done) that keeps the batch open.
         See docs/design.md, "Early answers". Off with ``explain.early_answers: false``
-        and outside TorchServe (no worker socket).
+        outside TorchServe (no worker socket) and under a service envelope that
+        rewrites the answers (only KServe's are adopted).
         """
         batch = self._batch
-        if batch is None or batch.sent or not self.explain_settings.early_answers:
+        if batch is None or batch.sent or not self.explain_settings.early_answers or self.foreign_envelope:
             return
         context = batch.context
         socket = getattr(context, "cl_socket", None)

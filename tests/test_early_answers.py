@@ -204,3 +204,9 @@ def test_kserve_requests_are_answered_whole(text):
     assert len(predictions) == 2 and all(set(p) == set(LABELS) for p in predictions)
     explained = body(final["req-1"])
     assert explained["explanations"][0]["explanation"]["method"] == "layer_ig"
+
+
+def test_off_under_a_service_envelope_that_rewrites_answers(text, monkeypatch):
+    monkeypatch.setattr(text.handler, "foreign_envelope", True)  # what adopt_envelope marks
+    early, final = text([({"data": "an enveloped text"}, EXPLAIN), ("fine".encode(), {})])
+    assert early is None and set(final) == {"req-0", "req-1"}
