@@ -99,19 +99,22 @@ def _early_answers(models: dict) -> list[str]:
     loads = {n: m["under_load"] for n, m in models.items() if "with_explanations_off" in m["under_load"]}
     if not loads:
         return []
-    header = ["model", "n", "p50", "p99", "early: p50", "p99", "p99 ratio", "answered early", "unchanged",
-              "no early: p50", "p99", "p99 ratio", "answered early", "unchanged"]
+    header = ["model", "n", "p50", "p99", "early: p50", "p99", "p99 ratio", "answered early", "expl. work p50",
+              "unchanged", "no early: p50", "p99", "p99 ratio", "answered early", "expl. work p50", "unchanged"]
 
     def row(name, u):
         base, on, off = u["predictions_only"], u["with_explanations"], u["with_explanations_off"]
+        def work(phase):
+            return phase.get("explanation_work_ms", {}).get("p50")
+
         return [name, f"{base['n']:,} / {on['n']:,} / {off['n']:,}", base["p50_ms"], base["p99_ms"],
-                on["p50_ms"], on["p99_ms"], u["ratio_p99"], _early(on), u["answers_unchanged"],
-                off["p50_ms"], off["p99_ms"], u["ratio_p99_off"], _early(off), u["answers_unchanged_off"]]
+                on["p50_ms"], on["p99_ms"], u["ratio_p99"], _early(on), work(on), u["answers_unchanged"],
+                off["p50_ms"], off["p99_ms"], u["ratio_p99_off"], _early(off), work(off), u["answers_unchanged_off"]]
 
     parts = ["\n**/predictions under load, early answers on and off, closed loop** (ours; prediction-only, then "
              "10% explained with `early_answers` on and off; n: /predictions answers in each; answered early: "
              "rows answered before their batch's explanation work, of the rows not explained in batches that "
-             "held an explanation; latency in ms)\n\n"
+             "held an explanation; expl. work: the handler's own time per explanation, from its log; latency in ms)\n\n"
              + _table(header, [[f"{n} ({u['threads']} threads)"] + row(n, u)[1:] for n, u in loads.items()])]
     opened = {n: u["open_loop"] for n, u in loads.items() if "open_loop" in u}
     if opened:

@@ -12,7 +12,8 @@ wall-time limit:
 - ``under_load``: our batching variant, prediction-only against 10% of the requests explained
   (priority header and explanation token; ``policy: priority``), the explained phase twice: with
   early answers on (``<name>_b8``, the default) and off (``<name>_b8_late``, the same files served
-  with ``TSEXPLAIN_<NAME>_B8_LATE_EARLY_ANSWERS=false``), phases in ABCCBA order. First closed-loop
+  with ``TSEXPLAIN_<NAME>_B8_LATE_EARLY_ANSWERS=false``), phases in ABCCBA order (run ``load_rounds``
+  times, so that background load falls on all three alike). First closed-loop
   (several client threads, each sending its next request when answered), then open-loop (requests
   sent at a fixed Poisson rate, the same arrival times in every phase, from a pool of threads;
   latency counted from the scheduled send time): the rate is ``OPEN_LOOP_SHARE`` of the slower
@@ -76,14 +77,16 @@ class Plan:
     explain: Budget  # sequential /explanations, ours
     stock_explain: Budget  # sequential /explanations, stock
     throughput: Budget  # concurrent /predictions, each handler (split in two halves)
-    load: Budget  # concurrent load, each phase (split in two halves)
+    load: Budget  # concurrent load, each phase (split in 2 x load_rounds slices)
     threads: int
+    load_rounds: int = 1  # under_load runs its ABCCBA order this many times (background load spreads evenly)
 
 
 # Small enough for ~15 minutes on 2 CPU cores for all four models (quick: a smoke test).
 PLANS = {
     "quick": {"small": Plan(2, Budget(6, 20), Budget(6, 20), Budget(2, 30), Budget(16, 20), Budget(20, 30), 4)},
-    "cpu": {"small": Plan(5, Budget(100, 30), Budget(100, 30), Budget(20, 30), Budget(200, 20), Budget(300, 30), 8),
+    "cpu": {"small": Plan(5, Budget(100, 30), Budget(100, 30), Budget(20, 30), Budget(200, 20), Budget(300, 30), 8,
+                          load_rounds=3),
             "resnet50": Plan(3, Budget(25, 30), Budget(25, 30), Budget(3, 60), Budget(48, 25), Budget(60, 40), 8),
             "bert-base": Plan(2, Budget(20, 30), Budget(3, 60), Budget(3, 60), Budget(48, 25), Budget(40, 40), 8)},
     # Fits the device tool's 10-minute command limit for resnet50 and bert-base together.
@@ -228,6 +231,8 @@ def prediction_difference(answer: dict, reference: dict) -> tuple[bool, float]:
 
 BATCH_LINE = re.compile(r"W-\d+-(?P<model>\S+)_[^_\s]+-stdout MODEL_LOG - "
                         r"batch size=(?P<size>\d+) explained=(?P<explained>\d+) answered_early=(?P<early>\d+)")
+EXPLANATION_LINE = re.compile(r"W-\d+-(?P<model>\S+)_[^_\s]+-stdout MODEL_LOG - explanation method=\S+ .*"
+                              r"elapsed_ms=(?P<ms>[\d.]+)")
 
 
 class BatchLog:
@@ -257,7 +262,8 @@ class BatchLog:
         return {"batches": len(rows), "requests": sum(size for size, _, _ in rows), "complete": sum(
                     size for size, _, _ in rows) >= requests, "mixed_batches": len(mixed),
                 "not_explained_in_mixed": sum(size - explained for size, explained, _ in mixed),
-                "answered_early": sum(early for _, _, early in rows)}
+                "answered_early": sum(early for _, _, early in rows),
+                "explanation_ms": [float(m["ms"]) for m in EXPLANATION_LINE.finditer(text) if m["model"] == model]}
 
 
 def open_loop(job, rate: float, threads: int, budget: Budget, seed: int = 0) -> tuple[list, float]:
@@ -299,12 +305,12 @@ def open_loop(job, rate: float, threads: int, budget: Budget, seed: int = 0) -> 
 
 
 PHASES = ("predictions_only", "with_explanations", "with_explanations_off")  # the last: early answers off
-PHASE_ORDER = PHASES + PHASES[::-1]  # ABCCBA, each phase in two halves
+PHASE_ORDER = PHASES + PHASES[::-1]  # ABCCBA, each phase in two slices (per round)
 
 
-def _load_phases(client: Client, variants: dict, references: dict, run_half, log: BatchLog) -> dict:
-    """Run ``PHASE_ORDER``; ``run_half(job)`` runs one half and returns ``(result, late_ms)`` pairs
-    and its wall time. Returns per-phase records."""
+def _load_phases(client: Client, variants: dict, references: dict, run_slice, log: BatchLog, rounds: int) -> dict:
+    """Run ``PHASE_ORDER`` ``rounds`` times; ``run_slice(job)`` runs one slice and returns ``(result,
+    late_ms)`` pairs and its wall time. Returns per-phase records."""
     def job(variant, mixed):
         def run(i):
             route = "explanations" if mixed and i % EXPLAINED_SHARE == EXPLAINED_SHARE - 1 else "predictions"
@@ -313,11 +319,11 @@ def _load_phases(client: Client, variants: dict, references: dict, run_half, log
         return run
 
     records = {phase: {"lat": [], "diff": [], "labels_differ": 0, "errors": 0, "explained": [], "not_explained": 0,
-                       "late": [], "ok": 0, "seconds": 0.0, "batches": []} for phase in PHASES}
-    for phase in PHASE_ORDER:
+                       "late": [], "ok": 0, "seconds": 0.0, "batches": [], "load": []} for phase in PHASES}
+    for phase in PHASE_ORDER * rounds:
         rec = records[phase]
         mark = log.mark()
-        results, wall = run_half(job(variants[phase], phase != "predictions_only"))
+        results, wall = run_slice(job(variants[phase], phase != "predictions_only"))
         rec["seconds"] += wall
         for (route, i, status, body, ms), late_ms in results:
             rec["late"].append(late_ms)
@@ -335,6 +341,7 @@ def _load_phases(client: Client, variants: dict, references: dict, run_half, log
                 rec["labels_differ"] += not same
                 rec["diff"].append(diff if same else 0.0)
         rec["batches"].append(log.batches(mark, variants[phase], sum(r[0][2] == 200 for r in results)))
+        rec["load"].append(round(os.getloadavg()[0], 2))  # other jobs on the machine show here
     return records
 
 
@@ -351,8 +358,13 @@ def _summarise_phases(records: dict, timed_sends: bool = False) -> dict:
             out[phase]["explained"] = summary(rec["explained"], [])
             out[phase]["explanations_not_computed"] = rec["not_explained"]
         halves = rec["batches"]
-        out[phase]["batches"] = {key: (all(h[key] for h in halves) if key == "complete" else sum(h[key] for h in halves))
+        work = [ms for h in halves for ms in h.pop("explanation_ms")]  # the handler's own timing of each
+        out[phase]["batches"] = {key: all(h[key] for h in halves) if key == "complete" else sum(h[key] for h in halves)
                                  for key in halves[0]}
+        if work:
+            out[phase]["explanation_work_ms"] = {"n": len(work), "p50": round(percentile(work, 50), 3),
+                                                 "max": round(max(work), 3)}
+        out[phase]["load_average_1min"] = rec["load"]  # after each slice
     noise = out["predictions_only"]["max_probability_difference"]
     out["tolerance"] = tolerance = max(2 * noise, 1e-6)
     base = out["predictions_only"]
@@ -379,20 +391,24 @@ def under_load(client: Client, plan: Plan) -> dict:
         client.call(off, "predictions", i, False)
     for variant in (on, off):
         client.call(variant, "explanations", 0, False)
-    log, half = BatchLog(client.ts), plan.load.scaled(0.5)
+    rounds = plan.load_rounds
+    log, part = BatchLog(client.ts), Budget(max(1, plan.load.requests // (2 * rounds)), plan.load.seconds / rounds)
 
-    def closed_half(job):
-        results, wall = concurrent(job, plan.threads, half)
+    def closed_slice(job):
+        results, wall = concurrent(job, plan.threads, part)
         return [(r, 0.0) for r in results], wall
 
-    out = _summarise_phases(_load_phases(client, variants, references, closed_half, log))
-    out["threads"] = plan.threads
+    out = _summarise_phases(_load_phases(client, variants, references, closed_slice, log, rounds))
+    out["threads"], out["rounds"] = plan.threads, rounds
 
     mixed_rps = min(out["with_explanations"]["rps"], out["with_explanations_off"]["rps"])
     rate = round(OPEN_LOOP_SHARE * mixed_rps, 2)
     if rate > 0:
-        opened = _summarise_phases(_load_phases(
-            client, variants, references, lambda job: open_loop(job, rate, OPEN_LOOP_POOL, half), log), timed_sends=True)
+        def open_slice(job):
+            return open_loop(job, rate, OPEN_LOOP_POOL, part)
+
+        opened = _summarise_phases(_load_phases(client, variants, references, open_slice, log, rounds),
+                                   timed_sends=True)
         out["open_loop"] = {**opened, "rate_rps": rate, "pool_threads": OPEN_LOOP_POOL,
                             "rate_basis": f"{OPEN_LOOP_SHARE:g} x {mixed_rps:g} req/s, the slower closed-loop "
                                           "explained phase's throughput",
