@@ -1,11 +1,13 @@
 """The benchmarked models, each served twice: by our handler and by TorchServe's stock one.
 
 Every model is staged as unzipped model directories (``torch-model-archiver
---archive-format no-archive``) in one model store, in four variants on the same
+--archive-format no-archive``) in one model store, in five variants on the same
 weights: ``<name>`` and ``<name>_stock`` with ``batchSize: 1`` (sequential
 latency at batch 1), ``<name>_b8`` and ``<name>_stock_b8`` with batching
-(concurrent load). Weights are made here with a fixed seed (ResNet-50 and
-BERT-base random, the demo models trained) so nothing is downloaded.
+(concurrent load), and ``<name>_b8_late``, ours with batching and early answers
+turned off by its environment override (``Model.env``), for the under-load
+comparison. Weights are made here with a fixed seed (ResNet-50 and BERT-base
+random, the demo models trained) so nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 import build_mar  # noqa: E402
+from tsexplain.settings import env_names  # noqa: E402
 
 EXPLAIN_TOKEN_ENV = "TSEXPLAIN_BENCH_TOKEN"
 # Priority traffic with a token (#4's setting); the explanation cache off, so that every explanation
@@ -49,9 +52,19 @@ class Model:
     content_type: str = "application/octet-stream"
     tokens: int | None = None  # text length in tokens, specials included
 
+    @property
+    def late(self) -> str:
+        """Our batching variant with early answers off (``explain.early_answers: false``)."""
+        return f"{self.name}_b8_late"
+
     def variants(self) -> dict[str, str]:
-        names = [self.name, f"{self.name}_stock", f"{self.name}_b8", f"{self.name}_stock_b8"]
+        names = [self.name, f"{self.name}_stock", f"{self.name}_b8", f"{self.name}_stock_b8", self.late]
         return {n: n for n in names}
+
+    def env(self) -> dict[str, str]:
+        """The TorchServe environment that turns early answers off for ``late`` only
+        (``TSEXPLAIN_<MODEL>_EARLY_ANSWERS``, the documented per-model override)."""
+        return {env_names(self.late, "early_answers")[0]: "false"}
 
     def body(self, i: int, stock: bool, explain: bool) -> tuple[bytes, str]:
         """Request body and content type of input ``i`` for one handler."""
@@ -83,9 +96,9 @@ def archive(name: str, handler: str, export: Path, config: dict, extra: Path | N
     return export / name
 
 
-def batched_copy(model_dir: Path, config: dict) -> Path:
-    """``<model_dir>_b8``: the same files (hard links) with a batching config."""
-    target = model_dir.with_name(model_dir.name + "_b8")
+def batched_copy(model_dir: Path, config: dict, suffix: str = "_b8") -> Path:
+    """``<model_dir><suffix>``: the same files (hard links) with a batching config."""
+    target = model_dir.with_name(model_dir.name + suffix)
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(model_dir, target, copy_function=os.link)
     manifest = json.loads((target / "MAR-INF" / "MANIFEST.json").read_text())
@@ -104,6 +117,8 @@ def stage_pair(name: str, export: Path, ours: dict, stock: dict) -> None:
         base = {**WORKERS, **spec.pop("config")}
         model_dir = archive(model_name, config={**base, **SINGLE}, export=export, **spec)
         batched_copy(model_dir, {**base, **BATCHED})
+        if model_name == name:  # ours again, served with early answers off (Model.env)
+            batched_copy(model_dir, {**base, **BATCHED}, "_b8_late")
 
 
 def stage_image(name: str, export: Path, architecture: str, weights: Path, labels: Path, image_size: int,

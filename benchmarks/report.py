@@ -81,11 +81,57 @@ def markdown(results: dict) -> str:
                      ["model", "threads", "n", "p50", "p99", "n (mixed)", "explained", "p50 (mixed)", "p99 (mixed)",
                       "p99 ratio", "labels differ", "max prob. diff (mixed)", "max prob. diff (prediction-only)",
                       "unchanged"], rows))
+    parts += _early_answers(models)
     return "".join(parts)
 
 
+def _early(phase: dict) -> str:
+    """``answered early / rows not explained in mixed batches (mixed batches)``, from the workers' log."""
+    b = phase.get("batches")
+    if not b:
+        return "–"
+    return (f"{b['answered_early']:,} / {b['not_explained_in_mixed']:,} ({b['mixed_batches']:,} batches)"
+            + ("" if b.get("complete", True) else ", log incomplete"))
+
+
+def _early_answers(models: dict) -> list[str]:
+    """The tables of early answers on against off (results without them: none)."""
+    loads = {n: m["under_load"] for n, m in models.items() if "with_explanations_off" in m["under_load"]}
+    if not loads:
+        return []
+    header = ["model", "n", "p50", "p99", "early: p50", "p99", "p99 ratio", "answered early", "expl. work p50",
+              "unchanged", "no early: p50", "p99", "p99 ratio", "answered early", "expl. work p50", "unchanged"]
+
+    def row(name, u):
+        base, on, off = u["predictions_only"], u["with_explanations"], u["with_explanations_off"]
+        def work(phase):
+            return phase.get("explanation_work_ms", {}).get("p50")
+
+        return [name, f"{base['n']:,} / {on['n']:,} / {off['n']:,}", base["p50_ms"], base["p99_ms"],
+                on["p50_ms"], on["p99_ms"], u["ratio_p99"], _early(on), work(on), u["answers_unchanged"],
+                off["p50_ms"], off["p99_ms"], u["ratio_p99_off"], _early(off), work(off), u["answers_unchanged_off"]]
+
+    parts = ["\n**/predictions under load, early answers on and off, closed loop** (ours; prediction-only, then "
+             "10% explained with `early_answers` on and off; n: /predictions answers in each; answered early: "
+             "rows answered before their batch's explanation work, of the rows not explained in batches that "
+             "held an explanation; expl. work: the handler's own time per explanation, from its log; latency in ms)\n\n"
+             + _table(header, [[f"{n} ({u['threads']} threads)"] + row(n, u)[1:] for n, u in loads.items()])]
+    opened = {n: u["open_loop"] for n, u in loads.items() if "open_loop" in u}
+    if opened:
+        rows = []
+        for n, o in opened.items():
+            late = sum(o[p].get("sent_late_over_10ms", 0) for p in ("predictions_only", "with_explanations",
+                                                                    "with_explanations_off"))
+            rows.append([f"{n} ({o['rate_rps']:g} req/s)"] + row(n, o)[1:] + [late])
+        parts.append("\n**/predictions under load, early answers on and off, open loop** (the same phases with "
+                     "requests sent at a fixed Poisson rate from a pool of threads, latency from the scheduled send; "
+                     "rate: a share of the closed-loop explained phases' throughput; sent late: requests sent over "
+                     "10 ms after their time, all phases)\n\n" + _table(header + ["sent late"], rows))
+    return parts
+
+
 def chart(results: dict, path: Path) -> None:
-    """Three panels: batch-1 p50 latency, concurrent throughput, response size."""
+    """Four panels: batch-1 p50 latency, concurrent throughput, response size, /predictions p99 under load."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +141,7 @@ def chart(results: dict, path: Path) -> None:
     names = list(models)
     keys = ["stock/predictions", "ours/predictions", "stock/explanations", "ours/explanations"]
     colours = ["#9ecae1", "#3182bd", "#fdae6b", "#e6550d"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     width = 0.2
     for j, key in enumerate(keys):
         xs = [i + (j - 1.5) * width for i in range(len(names))]
@@ -106,6 +152,7 @@ def chart(results: dict, path: Path) -> None:
         xs = [i + (j - 0.5) * 0.35 for i in range(len(names))]
         axes[1].bar(xs, [models[n]["throughput"][side]["rps"] for n in names], 0.35, label=f"{side}/predictions",
                     color=colours[j])
+    _load_panel(axes[3], models, names)
     titles = ["p50 latency, batch 1 (ms, log)", "/predictions throughput, concurrent (req/s, log)", "response size (bytes, log)"]
     for ax, title in zip(axes, titles):
         ax.set_xticks(range(len(names)), names)
@@ -119,6 +166,32 @@ def chart(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _load_panel(ax, models: dict, names: list) -> None:
+    """/predictions p99 under load: prediction-only, 10% explained with early answers on, off;
+    closed loop, and open loop where measured."""
+    series = [("closed", "predictions_only", "prediction-only", "#bdbdbd"),
+              ("closed", "with_explanations", "10% explained", "#31a354"),
+              ("closed", "with_explanations_off", "10% explained, no early answers", "#a1d99b"),
+              ("open", "predictions_only", "open loop: prediction-only", "#969696"),
+              ("open", "with_explanations", "open loop: 10% explained", "#756bb1"),
+              ("open", "with_explanations_off", "open loop: 10% explained, no early answers", "#bcbddc")]
+
+    def value(name, loop, phase):
+        u = models[name]["under_load"]
+        u = u.get("open_loop", {}) if loop == "open" else u
+        return u.get(phase, {}).get("p99_ms")
+
+    shown = [s for s in series if any(value(n, s[0], s[1]) is not None for n in names)]
+    width = 0.8 / len(shown)
+    for j, (loop, phase, label, colour) in enumerate(shown):
+        xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [value(n, loop, phase) or 0 for n in names], width, label=label, color=colour)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yscale("log")
+    ax.set_title("/predictions p99 under load (ms, log)")
+    ax.legend(fontsize=7)
 
 
 def replace_section(doc: Path, section: str, text: str) -> None:

@@ -9,11 +9,20 @@ wall-time limit:
   and response bytes;
 - ``throughput``: several client threads sending /predictions to the batching variants, stock and
   ours in ABBA order: requests per second;
-- ``under_load``: several client threads on our batching variant, prediction-only against 10% of the
-  requests explained (priority header and explanation token; ``policy: priority``): /predictions
-  p50/p99 in both, and every /predictions answer compared with the same input's answer alone (labels
-  in the same order; probabilities within a tolerance set from the prediction-only phase's own
-  batching noise).
+- ``under_load``: our batching variant, prediction-only against 10% of the requests explained
+  (priority header and explanation token; ``policy: priority``), the explained phase twice: with
+  early answers on (``<name>_b8``, the default) and off (``<name>_b8_late``, the same files served
+  with ``TSEXPLAIN_<NAME>_B8_LATE_EARLY_ANSWERS=false``), phases in ABCCBA order (run ``load_rounds``
+  times, so that background load falls on all three alike). First closed-loop
+  (several client threads, each sending its next request when answered), then open-loop (requests
+  sent at a fixed Poisson rate, the same arrival times in every phase, from a pool of threads;
+  latency counted from the scheduled send time): the rate is ``OPEN_LOOP_SHARE`` of the slower
+  closed-loop explained phase's throughput, so that the offered load stays within what the worker
+  can serve. /predictions p50/p99 in each phase; every /predictions answer compared with the same
+  input's answer alone (labels in the same order; probabilities within a tolerance set from the
+  prediction-only phase's own batching noise); from the workers' log (the handler's ``batch
+  size=.. explained=.. answered_early=..`` line), how many batches mixed predictions with
+  explanations and how many of their rows were answered before the explanation work.
 
 Writes ``results.json``, ``results.md`` (the tables of docs/performance.md) and ``results.png``.
 The device is TorchServe's: its GPU when the machine has one, else the CPU.
@@ -29,6 +38,8 @@ import json
 import math
 import os
 import platform
+import random
+import re
 import statistics
 import tempfile
 import threading
@@ -44,6 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPLAIN_TOKEN = "bench-explain-token"
 EXPLAIN_HEADERS = {"X-Priority": "high", "X-Explain-Token": EXPLAIN_TOKEN}
 EXPLAINED_SHARE = 10  # every 10th request of the mixed load is explained
+OPEN_LOOP_SHARE = 0.65  # open-loop rate: this share of the closed-loop explained phases' throughput
+OPEN_LOOP_POOL = 64  # client threads of the open-loop phases (at most this many requests outstanding)
 
 
 @dataclass(frozen=True)
@@ -64,14 +77,16 @@ class Plan:
     explain: Budget  # sequential /explanations, ours
     stock_explain: Budget  # sequential /explanations, stock
     throughput: Budget  # concurrent /predictions, each handler (split in two halves)
-    load: Budget  # concurrent load, each phase (split in two halves)
+    load: Budget  # concurrent load, each phase (split in 2 x load_rounds slices)
     threads: int
+    load_rounds: int = 1  # under_load runs its ABCCBA order this many times (background load spreads evenly)
 
 
 # Small enough for ~15 minutes on 2 CPU cores for all four models (quick: a smoke test).
 PLANS = {
     "quick": {"small": Plan(2, Budget(6, 20), Budget(6, 20), Budget(2, 30), Budget(16, 20), Budget(20, 30), 4)},
-    "cpu": {"small": Plan(5, Budget(100, 30), Budget(100, 30), Budget(20, 30), Budget(200, 20), Budget(300, 30), 8),
+    "cpu": {"small": Plan(5, Budget(100, 30), Budget(100, 30), Budget(20, 30), Budget(200, 20), Budget(300, 30), 8,
+                          load_rounds=3),
             "resnet50": Plan(3, Budget(25, 30), Budget(25, 30), Budget(3, 60), Budget(48, 25), Budget(60, 40), 8),
             "bert-base": Plan(2, Budget(20, 30), Budget(3, 60), Budget(3, 60), Budget(48, 25), Budget(40, 40), 8)},
     # Fits the device tool's 10-minute command limit for resnet50 and bert-base together.
@@ -214,33 +229,110 @@ def prediction_difference(answer: dict, reference: dict) -> tuple[bool, float]:
     return True, max(abs(answer[k] - reference[k]) for k in reference)
 
 
-def under_load(client: Client, plan: Plan) -> dict:
-    """/predictions under prediction-only load and with 10% of the requests explained (ours)."""
-    variant = f"{client.model.name}_b8"
-    references = {}
-    for i in range(len(client.model.inputs)):  # each input alone (a batch of one)
-        status, body, _ = client.call(variant, "predictions", i, False)
-        references[i] = json.loads(body)
+BATCH_LINE = re.compile(r"W-\d+-(?P<model>\S+)_[^_\s]+-stdout MODEL_LOG - "
+                        r"batch size=(?P<size>\d+) explained=(?P<explained>\d+) answered_early=(?P<early>\d+)")
+EXPLANATION_LINE = re.compile(r"W-\d+-(?P<model>\S+)_[^_\s]+-stdout MODEL_LOG - explanation method=\S+ .*"
+                              r"elapsed_ms=(?P<ms>[\d.]+)")
 
-    def job(mixed):
+
+class BatchLog:
+    """The handler's per-batch log lines (``batch size=.. explained=.. answered_early=..``) of one
+    phase: ``mark()`` before it, ``batches(...)`` after it."""
+
+    def __init__(self, ts: TorchServe):
+        self.path = ts.workdir / "logs" / "model_log.log"
+
+    def mark(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def batches(self, since: int, model: str, requests: int, wait: float = 5.0) -> dict:
+        """Counts over ``model``'s batches logged after ``since``, waiting up to ``wait`` s for
+        the lines of all ``requests`` (the frontend writes the workers' output asynchronously)."""
+        deadline = time.monotonic() + wait
+        while True:
+            with open(self.path, "rb") as log:
+                log.seek(since)
+                text = log.read().decode(errors="replace")
+            rows = [(int(m["size"]), int(m["explained"]), int(m["early"])) for m in BATCH_LINE.finditer(text)
+                    if m["model"] == model]
+            if sum(size for size, _, _ in rows) >= requests or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        mixed = [(size, explained, early) for size, explained, early in rows if 0 < explained < size]
+        return {"batches": len(rows), "requests": sum(size for size, _, _ in rows), "complete": sum(
+                    size for size, _, _ in rows) >= requests, "mixed_batches": len(mixed),
+                "not_explained_in_mixed": sum(size - explained for size, explained, _ in mixed),
+                "answered_early": sum(early for _, _, early in rows),
+                "explanation_ms": [float(m["ms"]) for m in EXPLANATION_LINE.finditer(text) if m["model"] == model]}
+
+
+def open_loop(job, rate: float, threads: int, budget: Budget, seed: int = 0) -> tuple[list, float]:
+    """Send ``job(i)`` at Poisson arrival times of ``rate`` per second (the same times for the same
+    seed) from ``threads`` threads, until ``budget`` is spent.
+
+    Returns ``(result, late_ms)`` pairs (in completion order), ``late_ms`` being how long after its
+    scheduled time the request went out (no free thread), and the wall time in seconds.
+    """
+    rng, times, t = random.Random(seed), [], 0.0
+    while len(times) < budget.requests:
+        t += rng.expovariate(rate)
+        if t > budget.seconds:
+            break
+        times.append(t)
+    lock, results, counter = threading.Lock(), [], iter(range(len(times)))
+    start = time.perf_counter() + 0.05
+
+    def worker():
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            due = start + times[i]
+            if due > time.perf_counter():
+                time.sleep(due - time.perf_counter())
+            late_ms = max(0.0, (time.perf_counter() - due) * 1000)
+            result = job(i)
+            with lock:
+                results.append((result, late_ms))
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return results, time.perf_counter() - start
+
+
+PHASES = ("predictions_only", "with_explanations", "with_explanations_off")  # the last: early answers off
+PHASE_ORDER = PHASES + PHASES[::-1]  # ABCCBA, each phase in two slices (per round)
+
+
+def _load_phases(client: Client, variants: dict, references: dict, run_slice, log: BatchLog, rounds: int) -> dict:
+    """Run ``PHASE_ORDER`` ``rounds`` times; ``run_slice(job)`` runs one slice and returns ``(result,
+    late_ms)`` pairs and its wall time. Returns per-phase records."""
+    def job(variant, mixed):
         def run(i):
             route = "explanations" if mixed and i % EXPLAINED_SHARE == EXPLAINED_SHARE - 1 else "predictions"
             status, body, ms = client.call(variant, route, i, False)
             return route, i, status, body, ms
         return run
 
-    phases = {"predictions_only": {"lat": [], "diff": [], "labels_differ": 0, "errors": 0, "explained": [],
-                                   "not_explained": 0},
-              "with_explanations": {"lat": [], "diff": [], "labels_differ": 0, "errors": 0, "explained": [],
-                                    "not_explained": 0}}
-    half = plan.load.scaled(0.5)
-    for phase in ("predictions_only", "with_explanations", "with_explanations", "predictions_only"):
-        results, _ = concurrent(job(phase == "with_explanations"), plan.threads, half)
-        rec = phases[phase]
-        for route, i, status, body, ms in results:
+    records = {phase: {"lat": [], "diff": [], "labels_differ": 0, "errors": 0, "explained": [], "not_explained": 0,
+                       "late": [], "ok": 0, "seconds": 0.0, "batches": [], "load": []} for phase in PHASES}
+    for phase in PHASE_ORDER * rounds:
+        rec = records[phase]
+        mark = log.mark()
+        results, wall = run_slice(job(variants[phase], phase != "predictions_only"))
+        rec["seconds"] += wall
+        for (route, i, status, body, ms), late_ms in results:
+            rec["late"].append(late_ms)
+            ms += late_ms  # open loop: from the scheduled time
             if status != 200:
                 rec["errors"] += 1
-            elif route == "explanations":
+                continue
+            rec["ok"] += 1
+            if route == "explanations":
                 rec["explained"].append(ms)
                 rec["not_explained"] += json.loads(body).get("explanation") is None
             else:
@@ -248,23 +340,79 @@ def under_load(client: Client, plan: Plan) -> dict:
                 same, diff = prediction_difference(json.loads(body), references[i % len(client.model.inputs)])
                 rec["labels_differ"] += not same
                 rec["diff"].append(diff if same else 0.0)
+        rec["batches"].append(log.batches(mark, variants[phase], sum(r[0][2] == 200 for r in results)))
+        rec["load"].append(round(os.getloadavg()[0], 2))  # other jobs on the machine show here
+    return records
+
+
+def _summarise_phases(records: dict, timed_sends: bool = False) -> dict:
     out = {}
-    for phase, rec in phases.items():
+    for phase, rec in records.items():
         out[phase] = {**summary(rec["lat"], [], rec["errors"]), "labels_differ": rec["labels_differ"],
-                      "max_probability_difference": max(rec["diff"], default=0.0)}
-        if phase == "with_explanations":
+                      "max_probability_difference": max(rec["diff"], default=0.0),
+                      "rps": round(rec["ok"] / rec["seconds"], 3) if rec["seconds"] else 0.0}
+        if timed_sends:
+            out[phase]["sent_late_over_10ms"] = sum(late > 10 for late in rec["late"])
+            out[phase]["max_late_ms"] = round(max(rec["late"], default=0.0), 3)
+        if phase != "predictions_only":
             out[phase]["explained"] = summary(rec["explained"], [])
             out[phase]["explanations_not_computed"] = rec["not_explained"]
+        halves = rec["batches"]
+        work = [ms for h in halves for ms in h.pop("explanation_ms")]  # the handler's own timing of each
+        out[phase]["batches"] = {key: all(h[key] for h in halves) if key == "complete" else sum(h[key] for h in halves)
+                                 for key in halves[0]}
+        if work:
+            out[phase]["explanation_work_ms"] = {"n": len(work), "p50": round(percentile(work, 50), 3),
+                                                 "max": round(max(work), 3)}
+        out[phase]["load_average_1min"] = rec["load"]  # after each slice
     noise = out["predictions_only"]["max_probability_difference"]
-    tolerance = max(2 * noise, 1e-6)
-    mixed = out["with_explanations"]
-    out["threads"] = plan.threads
-    out["tolerance"] = tolerance
-    out["answers_unchanged"] = (mixed["labels_differ"] == 0 and out["predictions_only"]["labels_differ"] == 0
-                                and mixed["max_probability_difference"] <= tolerance and mixed["errors"] == 0)
+    out["tolerance"] = tolerance = max(2 * noise, 1e-6)
     base = out["predictions_only"]
-    out["ratio_p99"] = round(mixed["p99_ms"] / base["p99_ms"], 4) if base["p99_ms"] else None
-    out["ratio_p50"] = round(mixed["p50_ms"] / base["p50_ms"], 4) if base["p50_ms"] else None
+    for phase, suffix in (("with_explanations", ""), ("with_explanations_off", "_off")):
+        mixed = out[phase]
+        out["answers_unchanged" + suffix] = (mixed["labels_differ"] == 0 and base["labels_differ"] == 0
+                                             and mixed["max_probability_difference"] <= tolerance
+                                             and mixed["errors"] == 0)
+        out["ratio_p99" + suffix] = round(mixed["p99_ms"] / base["p99_ms"], 4) if base["p99_ms"] else None
+        out["ratio_p50" + suffix] = round(mixed["p50_ms"] / base["p50_ms"], 4) if base["p50_ms"] else None
+    return out
+
+
+def under_load(client: Client, plan: Plan) -> dict:
+    """/predictions under prediction-only load and with 10% of the requests explained (ours), early
+    answers on and off; closed-loop, then open-loop."""
+    on, off = f"{client.model.name}_b8", client.model.late
+    variants = {"predictions_only": on, "with_explanations": on, "with_explanations_off": off}
+    references = {}
+    for i in range(len(client.model.inputs)):  # each input alone (a batch of one)
+        status, body, _ = client.call(on, "predictions", i, False)
+        references[i] = json.loads(body)
+    for i in range(plan.warmup):  # the early-answers-off worker has served nothing yet
+        client.call(off, "predictions", i, False)
+    for variant in (on, off):
+        client.call(variant, "explanations", 0, False)
+    rounds = plan.load_rounds
+    log, part = BatchLog(client.ts), Budget(max(1, plan.load.requests // (2 * rounds)), plan.load.seconds / rounds)
+
+    def closed_slice(job):
+        results, wall = concurrent(job, plan.threads, part)
+        return [(r, 0.0) for r in results], wall
+
+    out = _summarise_phases(_load_phases(client, variants, references, closed_slice, log, rounds))
+    out["threads"], out["rounds"] = plan.threads, rounds
+
+    mixed_rps = min(out["with_explanations"]["rps"], out["with_explanations_off"]["rps"])
+    rate = round(OPEN_LOOP_SHARE * mixed_rps, 2)
+    if rate > 0:
+        def open_slice(job):
+            return open_loop(job, rate, OPEN_LOOP_POOL, part)
+
+        opened = _summarise_phases(_load_phases(client, variants, references, open_slice, log, rounds),
+                                   timed_sends=True)
+        out["open_loop"] = {**opened, "rate_rps": rate, "pool_threads": OPEN_LOOP_POOL,
+                            "rate_basis": f"{OPEN_LOOP_SHARE:g} x {mixed_rps:g} req/s, the slower closed-loop "
+                                          "explained phase's throughput",
+                            "prediction_only_closed_loop_rps": out["predictions_only"]["rps"]}
     return out
 
 
@@ -331,7 +479,7 @@ def run_model(name: str, profile: str, work: Path, warmup: int | None = None) ->
     properties = {"max_response_size": str(64 << 20), "max_request_size": str(64 << 20),
                   "default_response_timeout": "600"}
     began = time.perf_counter()
-    with TorchServe(store, model.variants(), work / f"ts-{name}", properties=properties, env=env) as ts:
+    with TorchServe(store, model.variants(), work / f"ts-{name}", properties=properties, env=env | model.env()) as ts:
         print(f"[bench] {name}: TorchServe ready in {time.perf_counter() - began:.0f}s", flush=True)
         client = Client(ts, model)
         result = {"description": model.description, "kind": model.kind, "plan": plan.__dict__ | {

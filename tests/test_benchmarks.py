@@ -34,7 +34,9 @@ def test_outputs_written(quick):
         assert chart.format == "PNG" and chart.width >= 800 and chart.height >= 300
     text = (out / "results.md").read_text()
     for heading in ("**Targets**", "**Sequential, batch 1**", "**Concurrent /predictions throughput**",
-                    "**/predictions under load, ours**", "**LIG convergence**"):
+                    "**/predictions under load, ours**", "**LIG convergence**",
+                    "**/predictions under load, early answers on and off, closed loop**",
+                    "**/predictions under load, early answers on and off, open loop**"):
         assert heading in text
     assert "| shapes |" in text and "| reviews |" in text
 
@@ -52,9 +54,17 @@ def test_every_scenario_measured_without_errors(quick):
         assert tp["stock"]["errors"] == 0 and tp["ours"]["errors"] == 0
         assert tp["stock"]["rps"] > 0 and tp["ours"]["rps"] > 0
         load = model["under_load"]
-        mixed = load["with_explanations"]
-        assert load["predictions_only"]["n"] >= 1 and mixed["n"] >= 1 and mixed["explained"]["n"] >= 1
-        assert mixed["errors"] == 0 and mixed["explanations_not_computed"] == 0
+        assert load["open_loop"]["rate_rps"] > 0
+        for loop in (load, load["open_loop"]):
+            assert loop["predictions_only"]["n"] >= 1 and loop["predictions_only"]["errors"] == 0
+            for phase in ("with_explanations", "with_explanations_off"):
+                mixed = loop[phase]
+                assert mixed["n"] >= 1 and mixed["explained"]["n"] >= 1
+                assert mixed["errors"] == 0 and mixed["explanations_not_computed"] == 0
+                # every request's batch was found in the workers' log
+                assert mixed["batches"]["complete"] and mixed["batches"]["requests"] >= mixed["n"]
+                assert 0 <= mixed["batches"]["answered_early"] <= mixed["batches"]["not_explained_in_mixed"]
+            assert loop["with_explanations_off"]["batches"]["answered_early"] == 0  # the override took effect
 
 
 def test_answers_and_sizes(quick):
@@ -66,8 +76,13 @@ def test_answers_and_sizes(quick):
     conv = reviews["sequential"]["convergence"]
     assert conv["n"] >= 1 and 0 <= conv["share_le_0.05"] <= 1 and conv["median_relative_delta"] >= 0
     for model in (shapes, reviews):  # predictions beside explanations: same labels, in the same order
-        assert model["under_load"]["with_explanations"]["labels_differ"] == 0
-        assert model["under_load"]["answers_unchanged"] is True
+        for loop in (model["under_load"], model["under_load"]["open_loop"]):
+            assert loop["with_explanations"]["labels_differ"] == 0
+            assert loop["with_explanations_off"]["labels_differ"] == 0
+            assert loop["answers_unchanged"] is True and loop["answers_unchanged_off"] is True
+    # Grad-CAM shares the forward pass: nothing is left to answer early for
+    for loop in (shapes["under_load"], shapes["under_load"]["open_loop"]):
+        assert loop["with_explanations"]["batches"]["answered_early"] == 0
 
 
 def test_targets_rows(quick):
