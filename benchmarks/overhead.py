@@ -50,6 +50,8 @@ class Driven:
         config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
         handler = manifest["model"]["handler"]
         module = handler[:-3] if handler.endswith(".py") else handler
+        if not (model_dir / f"{module}.py").exists():  # a TorchServe default handler ("image_classifier")
+            module = f"ts.torch_handler.{module}"
         self.name = manifest["model"]["modelName"]
         self.content_type = content_type
         self.context = Context(self.name, str(model_dir), manifest, 8, None, "0.12.0",
