@@ -133,10 +133,14 @@ def stage_image(name: str, export: Path, architecture: str, weights: Path, label
         f"class StockResNet(ResNet):\n    def __init__(self):\n"
         f"        super().__init__({block}, {layers}, num_classes={num_classes})\n")
     explain = dict(OURS_EXPLAIN, **({"target_layer": target_layer} if target_layer else {}))
-    ours_config = {"handler": {"architecture": architecture, "num_classes": num_classes, "resize": image_size,
-                               "crop": image_size}, "explain": explain}
+    # the stock handler's geometry: image_classifier resizes to 256 and crops 224; the sized one
+    # resizes and crops to image_size
+    stock_sized = image_size != 224
+    ours_config = {"handler": {"architecture": architecture, "num_classes": num_classes,
+                               "resize": image_size if stock_sized else 256, "crop": image_size},
+                   "explain": explain}
     extra, _ = build_mar.stage(name, {"index_to_name.json": labels}, {})
-    stock_handler = "image_classifier" if image_size == 224 else str(STOCK / "image_classifier_sized.py")
+    stock_handler = str(STOCK / "image_classifier_sized.py") if stock_sized else "image_classifier"
     stage_pair(name, export,
                ours=dict(handler=str(ROOT / "handlers" / "image_explainer.py"), extra=extra, config=ours_config,
                          model_file=ROOT / "handlers" / "torchvision_model.py", serialized_file=weights),

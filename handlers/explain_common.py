@@ -38,7 +38,7 @@ class Prepared:
     request: Any  # the parsed request
     explain: bool  # an explanation will be computed
     target: Optional[int]  # class index, None for the predicted class
-    inputs: Any  # this request's model input
+    inputs: Any  # this request's model input (images: the cropped image until the batch tensor is made)
     original: Any = None  # what the input was made from (the decoded image)
     skipped: Optional[str] = None  # why an asked-for explanation was denied (on_denied: predict)
     deadline: Optional[Deadline] = None  # when this request's explanation work must stop
@@ -78,10 +78,18 @@ def deadline_error(deadline: Deadline) -> RequestError:
                         "(explain.deadline_ms, or the request's deadline_ms)", "deadline_exceeded", 504)
 
 
-def ranked_predictions(probabilities, labels: list[str], top_k: int) -> list[tuple[int, str, float]]:
-    """(index, label, probability) of the ``top_k`` classes, most probable first."""
-    values, indices = probabilities.topk(min(top_k, len(labels)))
-    return [(i, labels[i], p) for i, p in zip(indices.tolist(), values.tolist())]
+def ranked_rows(probabilities, labels: list[str], top_ks: list[int]) -> list[list[tuple[int, str, float]]]:
+    """(index, label, probability) of the ``top_ks[r]`` most probable classes of each row ``r`` of
+    ``probabilities`` (``[N, classes]``), most probable first: one ``topk`` and one ``tolist``
+    per distinct count, not per row (the same answers as ``probabilities[r].topk`` row by row)."""
+    out: list = [None] * len(top_ks)
+    for top_k in dict.fromkeys(top_ks):
+        rows = [r for r, k in enumerate(top_ks) if k == top_k]
+        subset = probabilities if len(rows) == len(top_ks) else probabilities[rows]
+        values, indices = subset.topk(min(top_k, len(labels)), dim=1)
+        for r, row_indices, row_values in zip(rows, indices.tolist(), values.tolist()):
+            out[r] = [(i, labels[i], p) for i, p in zip(row_indices, row_values)]
+    return out
 
 
 def envelope(ranked, explanation: Optional[dict], skipped: Optional[str] = None) -> dict:

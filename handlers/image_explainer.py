@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from ts.torch_handler.image_classifier import ImageClassifier
 
-from explain_common import ExplainerFlow, Prepared, answer, answer_error, envelope, explanation_failed, ranked_predictions
+from explain_common import ExplainerFlow, Prepared, answer, answer_error, envelope, explanation_failed, ranked_rows
 from tsexplain.errors import ConfigError, RequestError
 from tsexplain.gradcam import GradCAM
 from tsexplain.image_ig import ImageIG, sum_pool
@@ -99,10 +99,15 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         if contrast is not None and contrast == target:
             raise RequestError("'contrast' must differ from 'target'", "bad_contrast")
         image = decode_image(request.image, self.model_settings.max_image_pixels)
-        return Prepared(idx, request, False, target, self.preprocessing(image), image, method=method, contrast=contrast)
+        # inputs: the resized, cropped image until _answer_batch makes the batch tensor
+        return Prepared(idx, request, False, target, self.preprocessing.geometry(image), image, method=method,
+                        contrast=contrast)
 
     def _answer_batch(self, items: list[Prepared], answers: list) -> None:
-        batch = torch.stack([item.inputs for item in items]).to(self.device)
+        inputs = self.preprocessing.tensors([item.inputs for item in items])  # one conversion for the batch
+        for item, tensor in zip(items, inputs):
+            item.inputs = tensor  # [C, H, W], as _explanation reads it
+        batch = inputs.to(self.device)
         explained = [k for k, item in enumerate(items) if item.explain]
         results: dict[int, dict] = {}  # row -> what _explanation renders
         failures: dict[int, RequestError] = {}
@@ -124,7 +129,8 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
             logits = self._cam(batch, cam_rows, items, {k: items[k].target for k in cam_rows}, results, failures)
         if logits is None:
             logits = self.inference(batch)
-        predicted = logits.argmax(dim=1).tolist()
+        needs_classes = hits or any(items[k].method in IG_METHODS for k in pending)
+        predicted = logits.argmax(dim=1).tolist() if needs_classes else []
         stale = [k for k in hits if not self.usable_hit(hits[k], items[k].target, predicted[k])]
         for k in cache_keys:
             self.count_cache(k in hits and k not in stale, items[k].method)
@@ -139,10 +145,11 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         probabilities = F.softmax(logits.float(), dim=1).cpu()
         steps = {k: items[k].request.n_steps or self.explain_settings.n_steps for k in pending}
         integrated = [k for k in pending if items[k].method in IG_METHODS and k not in failures]
+        rankings = ranked_rows(probabilities, self.labels, [item.request.top_k or self.topk for item in items])
 
         def finish(k: int) -> None:
             item = items[k]
-            ranked = ranked_predictions(probabilities[k], self.labels, item.request.top_k or self.topk)
+            ranked = rankings[k]
             if item.explain and k in hits:
                 explanation = hits[k]
                 explanation.update(cached=True, elapsed_ms=round(lookup_ms, 2))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from ts.torch_handler.text_classifier import TextClassifier
 
-from explain_common import ExplainerFlow, Prepared, answer, answer_error, envelope, explanation_failed, ranked_predictions
+from explain_common import ExplainerFlow, Prepared, answer, answer_error, envelope, explanation_failed, ranked_rows
 from tsexplain.errors import ConfigError, RequestError
 from tsexplain.parsing import parse_text_request, resolve_target
 from tsexplain.settings import TextExplainSettings, TextModelSettings, load_section
@@ -96,9 +96,11 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         return Prepared(idx, request, False, target, request.text, method=method, contrast=contrast)
 
     def _predict(self, texts: list[str]) -> torch.Tensor:
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        # NumPy arrays, then tensors sharing their memory: the same int64 tensors as
+        # return_tensors="pt", which builds them from nested lists (slower)
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="np")
         with torch.inference_mode():
-            logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
+            logits = self.model(**{k: torch.from_numpy(v).to(self.device) for k, v in encoded.items()}).logits
         return F.softmax(logits.float(), dim=1).cpu()
 
     def _answer_batch(self, items: list[Prepared], answers: list) -> None:
@@ -134,10 +136,11 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         lookup_ms = (time.perf_counter() - began) * 1000
         explanations = dict(errors)
         top_k = self.model_settings.top_k or len(self.labels)
+        rankings = ranked_rows(probabilities, self.labels, [top_k] * len(items))
 
         def finish(k: int) -> None:
             item = items[k]
-            ranked = ranked_predictions(probabilities[k], self.labels, top_k)
+            ranked = rankings[k]
             result = explanations.get(k)
             if item.explain and k in hits:
                 explanation = hits[k]

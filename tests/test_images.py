@@ -28,6 +28,21 @@ def test_preprocessing_matches_torchvision(size):
     torch.testing.assert_close(Preprocessing()(image), stock(image))
 
 
+@pytest.mark.parametrize("prep", [Preprocessing(), Preprocessing(64, 64), Preprocessing([90, 70], [61, 47])])
+def test_batch_tensors_are_the_image_by_image_tensors_bit_for_bit(prep):
+    """The handler converts a batch at once (Preprocessing.tensors); the values must be those of
+    Preprocessing.__call__ image by image, exactly, and laid out as torch.stack lays them out."""
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((640, 480), (300, 500), (97, 211))]
+    batch = prep.tensors([prep.geometry(i) for i in images])
+    alone = torch.stack([prep(i) for i in images])
+    assert batch.dtype == alone.dtype and batch.shape == alone.shape and batch.is_contiguous()
+    assert torch.equal(batch, alone)
+    gray = [Image.new("L", (8, 8), 40), Image.new("L", (8, 8), 90)]  # not RGB: image by image
+    one = Preprocessing(None, None, (0.5,), (0.25,))
+    assert torch.equal(one.tensors(gray), torch.stack([one(i) for i in gray]))
+
+
 @pytest.mark.parametrize("size,resize,crop", [((640, 480), 256, 224), ((300, 500), 128, 112), ((200, 90), [64, 64], None)])
 def test_crop_box_maps_model_input_back_to_the_original(size, resize, crop):
     """A bright square placed by the crop box lands in the middle of the model input."""
@@ -73,6 +88,8 @@ def test_decode_rotates_exif_and_converts_modes():
     for mode in ("L", "RGBA", "P", "CMYK", "I;16"):
         fmt = "JPEG" if mode == "CMYK" else "PNG"
         assert decode_image(png_bytes(Image.new(mode, (8, 8)), fmt), 10_000).mode == "RGB"
+    pixels = np.random.default_rng(2).integers(0, 255, (12, 20, 3), dtype=np.uint8)  # RGB: decoded as is
+    np.testing.assert_array_equal(np.asarray(decode_image(png_bytes(Image.fromarray(pixels)), 10_000)), pixels)
 
 
 def test_sixteen_bit_is_scaled_and_animation_gives_first_frame():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -47,10 +48,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise RequestError("the body is not a decodable image", "bad_image") from None
     except (OSError, ValueError, SyntaxError, EOFError):
         raise RequestError("the image is truncated or corrupt", "bad_image") from None
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to rotate
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit: scale, don't clip
         image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() copies even RGB
 
 
 def decode_base64(text: str) -> bytes:
@@ -92,11 +93,30 @@ class Preprocessing:
     std: tuple[float, ...] = IMAGENET_STD
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return TF.normalize(TF.to_tensor(self.geometry(image)), self.mean, self.std)
+
+    def geometry(self, image: Image.Image) -> Image.Image:
+        """The resize and centre crop steps, on the PIL image."""
         if self.resize is not None:
             image = TF.resize(image, _as_list(self.resize), antialias=True)
         if self.crop is not None:
             image = TF.center_crop(image, _as_list(self.crop))
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return image
+
+    def tensors(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``[N, C, H, W]``: images already through :meth:`geometry`, as tensors, normalised.
+
+        The same values, bit for bit, as ``torch.stack([to_tensor, normalize])`` image by
+        image (the same float operations in the same order), done once for the batch when
+        the images are all 8-bit RGB of one size; image by image otherwise.
+        """
+        if images and all(i.mode == "RGB" for i in images) and len({i.size for i in images}) == 1:
+            dtype = torch.get_default_dtype()
+            mean, std = _normalisation(tuple(self.mean), tuple(self.std), dtype)
+            pixels = torch.from_numpy(np.stack([np.asarray(i) for i in images]))  # [N, H, W, 3] uint8
+            batch = pixels.permute(0, 3, 1, 2).contiguous().to(dtype).div(255)  # to_tensor
+            return batch.sub_(mean).div_(std)  # normalize
+        return torch.stack([TF.normalize(TF.to_tensor(i), self.mean, self.std) for i in images])
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after the resize step, computed as torchvision does."""
@@ -124,6 +144,15 @@ class Preprocessing:
         top = int(round((resized_h - crop_h) / 2.0)) if self.crop is not None else 0
         sx, sy = resized_w / width, resized_h / height
         return CropBox(left / sx, top / sy, (left + crop_w) / sx, (top + crop_h) / sy)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple, std: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as ``[1, C, 1, 1]`` tensors, checked as torchvision's normalize checks them."""
+    mean_t, std_t = torch.as_tensor(mean, dtype=dtype), torch.as_tensor(std, dtype=dtype)
+    if (std_t == 0).any():
+        raise ValueError(f"std evaluated to zero after conversion to {dtype}, leading to division by zero.")
+    return mean_t.view(1, -1, 1, 1), std_t.view(1, -1, 1, 1)
 
 
 def _as_list(size: Size) -> list[int]:
