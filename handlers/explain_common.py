@@ -162,7 +162,11 @@ class _Batch:
     row_units: dict  # row -> its units (one, or a KServe request's instances)
     kserve_rows: dict  # row -> its KServe request
     answers: list  # each unit's body, once answered
-    sent: set = dataclasses.field(default_factory=set)  # rows answered early
+    sent: set = dataclasses.field(default_factory=set)  # rows answered early (and a ready carrier)
+    carrier: Optional[int] = None  # a ready row that carries the batch as a stream
+
+    def answered_early(self) -> int:
+        return len(self.sent) - (self.carrier is not None)
 
 
 class ExplainerFlow:
@@ -296,7 +300,7 @@ class ExplainerFlow:
         for idx in row_units:
             if idx not in self._batch.sent:
                 final[idx] = self._finish_row(idx)
-        logger.info("batch size=%d explained=%d answered_early=%d", len(data), granted, len(self._batch.sent))
+        logger.info("batch size=%d explained=%d answered_early=%d", len(data), granted, self._batch.answered_early())
         if kserve_rows:
             logger.info("kserve requests=%d instances=%d", len(kserve_rows), sum(len(row_units[i]) for i in kserve_rows))
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
@@ -320,11 +324,16 @@ class ExplainerFlow:
         """Send the answers that are ready now, before the batch's remaining explanation work.
 
         The handler calls this when every request's answer is written except those
-        of explanations still to compute. The ready requests (predictions, denied,
-        cached or failed explanations) are answered at once; TorchServe 0.12 takes
-        one message per batch, so the first waiting explanation starts a chunked
-        answer (status 200 sent now, its body when done) that keeps the batch open.
-        See docs/design.md, "Early answers". Off with ``explain.early_answers: false``
+        of explanations still to compute. TorchServe 0.12 takes one message per batch
+        unless an entry keeps it open as a stream; that entry, the carrier, is answered
+        chunked and its stream ends with the batch. ``explain.early_answer_carrier``:
+        ``ready`` (default): one ready answer (an error, else an explanation-route
+        answer, else a prediction) carries the batch, whole in its first chunk, so
+        every status is exact, and the other ready answers go at once (nothing is
+        sent with fewer than two ready answers); ``explanation``: every ready answer
+        goes at once and the first waiting explanation carries the batch, its 200
+        sent now and its body (or error object) when done.
+        See docs/design.md, "Early answers". Off with ``explain.early_answers: false``,
         outside TorchServe (no worker socket) and under a service envelope that
         rewrites the answers (only KServe's are adopted).
         """
@@ -339,16 +348,23 @@ class ExplainerFlow:
         for idx, members in batch.row_units.items():
             (ready if all(batch.answers[u] is not None for u in members) else waiting).append(idx)
         ready += [idx for idx, body in enumerate(batch.final) if body is not None]  # rows already answered
-        if not ready or not waiting:
+        carried_by_ready = self.explain_settings.early_answer_carrier == "ready"
+        if not waiting or len(ready) < (2 if carried_by_ready else 1):
             return
         bodies = {idx: batch.final[idx] if batch.final[idx] is not None else self._finish_row(idx) for idx in ready}
-        carrier = min(waiting)
-        bodies[carrier] = ""
-        context.set_response_status(200, "OK", carrier)
-        context.set_response_content_type(carrier, JSON_CONTENT_TYPE)
+        if carried_by_ready:
+            def rank(idx):  # who minds waiting least: errors, then explanation-route answers, then predictions
+                return (0 if (context.get_response_status(idx)[0] or 200) >= 400 else
+                        1 if is_explain_request(context, idx) else 2, -idx)
+            carrier = min(ready, key=rank)
+        else:
+            carrier = min(waiting)
+            bodies[carrier] = ""
+            context.set_response_status(200, "OK", carrier)
+            context.set_response_content_type(carrier, JSON_CONTENT_TYPE)
         request_ids = context.request_ids
         message_ids = {idx: request_ids[idx] for idx in sorted(bodies)}
-        # per-request stream control: the carrier continues, the ready requests end here
+        # per-request stream control: the carrier continues, the others end here
         context.stopping_criteria = {idx: (lambda _: False) if idx == carrier else (lambda _: None)
                                      for idx in message_ids}
         try:
@@ -358,9 +374,13 @@ class ExplainerFlow:
         socket.sendall(message)
         for idx in ready:
             batch.final[idx] = bodies[idx]
-            del request_ids[idx]  # TorchServe's final message carries the others only
+            if idx != carrier:
+                del request_ids[idx]  # TorchServe's final message carries the others only
+        if carried_by_ready:
+            batch.final[carrier] = ""  # its stream ends, empty, with the batch's final message
+            batch.carrier = carrier
         batch.sent.update(ready)
-        self.count("EarlyAnswers", len(ready))
+        self.count("EarlyAnswers", len(ready) - (1 if carried_by_ready else 0))
 
     def _kserve_request(self, context, idx: int, row) -> "Optional[kserve.KServeRequest]":
         """The KServe request in row ``idx``, or ``None`` for a plain request.

@@ -2,6 +2,7 @@
 socket before the explanation work, decoded as the frontend decodes it."""
 
 import base64
+import dataclasses
 import json
 import socket
 import struct
@@ -95,45 +96,75 @@ def text(tmp_path_factory):
     driver.close()
 
 
-def test_predictions_and_errors_go_first_and_one_explanation_carries_the_batch(text):
-    requests = [
-        ("the soup was cold".encode(), {}),  # a prediction
-        ({"data": "the staff were rude", "n_steps": 8}, EXPLAIN),  # explanations to compute
-        ({"data": "a fine evening", "n_steps": 8}, EXPLAIN),
-        ({"data": "great view", "n_steps": 999}, EXPLAIN),  # bad: 400 now
-        ("lovely dessert".encode(), {}),
-    ]
-    early, final = text(requests)
-    assert set(early) == {"req-0", "req-1", "req-3", "req-4"} and set(final) == {"req-1", "req-2"}
+def carried_by_explanations(driver, monkeypatch):
+    settings = dataclasses.replace(driver.handler.explain_settings, early_answer_carrier="explanation")
+    monkeypatch.setattr(driver.handler, "explain_settings", settings)
+
+
+MIXED = [
+    ("the soup was cold".encode(), {}),  # a prediction
+    ({"data": "the staff were rude", "n_steps": 8}, EXPLAIN),  # explanations to compute
+    ({"data": "a fine evening", "n_steps": 8}, EXPLAIN),
+    ({"data": "great view", "n_steps": 999}, EXPLAIN),  # bad: 400 now
+    ("lovely dessert".encode(), {}),
+]
+
+
+def test_ready_answers_go_first_and_a_ready_one_carries_the_batch(text):
+    text.handler.cache.clear()
+    early, final = text(MIXED)
+    assert set(early) == {"req-0", "req-3", "req-4"} and set(final) == {"req-1", "req-2", "req-3"}
     for rid in ("req-0", "req-4"):  # whole answers that end the request
         entry = early[rid]
         assert entry["status"] == 200 and "ts_stream_next" not in entry["headers"]
         assert set(body(entry)) == set(LABELS)
+    carrier = early["req-3"]  # the error minds waiting least: its whole answer now, its stream's end later
+    assert carrier["status"] == 400 and carrier["headers"]["ts_stream_next"] == "true"
+    assert body(carrier)["type"] == "bad_n_steps"
+    assert final["req-3"]["headers"]["ts_stream_next"] == "false" and final["req-3"]["body"] == b""
+    for rid in ("req-1", "req-2"):  # ordinary answers, each with its own status
+        assert "ts_stream_next" not in final[rid]["headers"]
+        assert final[rid]["status"] == 200 and body(final[rid])["explanation"]["method"] == "layer_ig"
+
+
+def test_an_explanation_may_carry_the_batch_instead(text, monkeypatch):
+    carried_by_explanations(text, monkeypatch)
+    text.handler.cache.clear()
+    early, final = text(MIXED)
+    assert set(early) == {"req-0", "req-1", "req-3", "req-4"} and set(final) == {"req-1", "req-2"}
+    for rid in ("req-0", "req-3", "req-4"):
+        assert "ts_stream_next" not in early[rid]["headers"]
     assert early["req-3"]["status"] == 400 and body(early["req-3"])["type"] == "bad_n_steps"
-    assert "ts_stream_next" not in early["req-3"]["headers"]
     carrier = early["req-1"]  # the first explanation: status sent, body to follow
     assert carrier["status"] == 200 and carrier["headers"]["ts_stream_next"] == "true" and carrier["body"] == b""
     assert carrier["content_type"] == "application/json"
     assert final["req-1"]["headers"]["ts_stream_next"] == "false"  # the end of its stream
-    assert "ts_stream_next" not in final["req-2"]["headers"]  # an ordinary answer
+    assert "ts_stream_next" not in final["req-2"]["headers"]
     for rid in ("req-1", "req-2"):
         assert final[rid]["status"] == 200 and body(final[rid])["explanation"]["method"] == "layer_ig"
 
 
 def test_answers_equal_the_answers_of_requests_alone(text):
     alone = {}
-    for i, request in enumerate([("the soup was cold".encode(), {}), ({"data": "the staff were rude"}, EXPLAIN)]):
+    requests = [("the soup was cold".encode(), {}), ({"data": "the staff were rude"}, EXPLAIN),
+                ("a second prediction".encode(), {})]
+    for i, request in enumerate(requests):
         early, final = text([request])
         assert early is None  # nothing to send early in a batch of one
         alone[i] = body(final["req-0"])
     text.handler.cache.clear()  # computed again, not served from the cache
-    early, final = text([({"data": "the staff were rude"}, EXPLAIN), ("the soup was cold".encode(), {})])
+    early, final = text([requests[1], requests[0], requests[2]])
+    assert set(early) == {"req-1", "req-2"} and early["req-2"]["headers"]["ts_stream_next"] == "true"
     assert body(early["req-1"]) == pytest.approx(alone[0], abs=1e-6)  # batching moves the last digits only
+    assert body(early["req-2"]) == pytest.approx(alone[2], abs=1e-6)
     mixed = body(final["req-0"])
     assert [p["label"] for p in mixed["predictions"]] == [p["label"] for p in alone[1]["predictions"]]
     assert mixed["explanation"]["target"] == alone[1]["explanation"]["target"]
     for got, want in zip(mixed["explanation"]["tokens"], alone[1]["explanation"]["tokens"]):
         assert got["token"] == want["token"] and got["attribution"] == pytest.approx(want["attribution"], abs=1e-5)
+    text.handler.cache.clear()
+    early, final = text([requests[1], requests[0]])  # one ready answer: it would only carry, nothing to gain
+    assert early is None
 
 
 def test_nothing_is_sent_early_without_explanation_work(text):
@@ -154,6 +185,7 @@ def test_a_carrier_that_fails_later_has_its_error_in_the_body(text, monkeypatch)
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
+    carried_by_explanations(text, monkeypatch)
     monkeypatch.setattr(text.handler, "_explanation", broken)  # fails after the early answers, outside any guard
     early, final = text([({"data": "a first text to fail"}, EXPLAIN), ("fine".encode(), {}),
                          ({"data": "a second text to fail"}, EXPLAIN)])
@@ -168,8 +200,8 @@ def test_off_by_setting(tmp_path, monkeypatch):
     mar = build_text_mar(tmp_path, "quiet", "bert", config={"explain": {"early_answers": False}}, labels=LABELS)
     driver = WorkerSocket(InProcessHandler(unpack(mar, tmp_path / "unpacked"), "text_explainer", "TextExplainer"))
     try:
-        early, final = driver([({"data": "the staff were rude"}, EXPLAIN), ("fine".encode(), {})])
-        assert early is None and set(final) == {"req-0", "req-1"}
+        early, final = driver([({"data": "the staff were rude"}, EXPLAIN), ("fine".encode(), {}), ("good".encode(), {})])
+        assert early is None and set(final) == {"req-0", "req-1", "req-2"}
     finally:
         driver.close()
 
@@ -184,8 +216,9 @@ def test_image_integrated_gradients_wait_but_cam_maps_and_predictions_do_not(tmp
     try:
         early, final = driver([(image, {}), ({"data": encoded, "method": "layer_ig", "n_steps": 4}, EXPLAIN),
                                ({"data": encoded, "method": "gradcam"}, EXPLAIN)])
-        assert set(early) == {"req-0", "req-1", "req-2"} and set(final) == {"req-1"}
-        assert early["req-1"]["headers"]["ts_stream_next"] == "true"
+        assert set(early) == {"req-0", "req-2"} and set(final) == {"req-1", "req-2"}
+        assert "ts_stream_next" not in early["req-0"]["headers"]
+        assert early["req-2"]["headers"]["ts_stream_next"] == "true"  # the Grad-CAM answer carries the batch
         assert body(early["req-2"])["explanation"]["method"] == "gradcam"
         assert body(final["req-1"])["explanation"]["method"] == "layer_ig"
     finally:
@@ -198,8 +231,10 @@ def test_kserve_requests_are_answered_whole(text):
     kserve_predict = json.dumps({"instances": ["good soup", "cold soup"]}).encode()
     kserve_explain = json.dumps({"instances": ["a kserve text to explain"]}).encode()
     early, final = text([(kserve_predict, {}), (kserve_explain, {"explain": "True"}),
-                         ({"data": "plain text to explain"}, {"explain": "True", "url_path": "explanations/tiny"})])
-    assert set(early) == {"req-0", "req-1"} and set(final) == {"req-1", "req-2"}
+                         ({"data": "plain text to explain"}, {"explain": "True", "url_path": "explanations/tiny"}),
+                         ("a plain prediction".encode(), {})])
+    assert set(early) == {"req-0", "req-3"} and set(final) == {"req-1", "req-2", "req-3"}
+    assert "ts_stream_next" not in early["req-0"]["headers"]
     predictions = body(early["req-0"])["predictions"]
     assert len(predictions) == 2 and all(set(p) == set(LABELS) for p in predictions)
     explained = body(final["req-1"])
@@ -208,5 +243,5 @@ def test_kserve_requests_are_answered_whole(text):
 
 def test_off_under_a_service_envelope_that_rewrites_answers(text, monkeypatch):
     monkeypatch.setattr(text.handler, "foreign_envelope", True)  # what adopt_envelope marks
-    early, final = text([({"data": "an enveloped text"}, EXPLAIN), ("fine".encode(), {})])
-    assert early is None and set(final) == {"req-0", "req-1"}
+    early, final = text([({"data": "an enveloped text"}, EXPLAIN), ("fine".encode(), {}), ("good".encode(), {})])
+    assert early is None and set(final) == {"req-0", "req-1", "req-2"}

@@ -24,8 +24,9 @@ def server(tmp_path_factory):
     build_text_mar(tmp, "tiny", config={"batchSize": 8, "maxBatchDelay": 500,
                                         "explain": {"n_steps": 16, "max_n_steps": 1024, "cache_mb": 0,
                                                     "internal_batch_size": 512}})
-    env = {"TSEXPLAIN_LATE_EARLY_ANSWERS": "false"}
-    with TorchServe(tmp / "store", {"early": "tiny.mar", "late": "tiny.mar"}, tmp / "ts", env=env) as ts:
+    env = {"TSEXPLAIN_LATE_EARLY_ANSWERS": "false", "TSEXPLAIN_CARRIED_EARLY_ANSWER_CARRIER": "explanation"}
+    models = {"early": "tiny.mar", "late": "tiny.mar", "carried": "tiny.mar"}
+    with TorchServe(tmp / "store", models, tmp / "ts", env=env) as ts:
         yield ts
 
 
@@ -73,9 +74,17 @@ def mixed_batch(server, model, explanations, predictions=3):
     return results[:len(explanations)], results[len(explanations):], clients
 
 
-def batch_lines(server, model_hint=None):
-    return [tuple(map(int, m)) for m in re.findall(r"batch size=(\d+) explained=(\d+) answered_early=(\d+)",
-                                                     server.log_text())]
+def logged_batch(server, expected, timeout=15.0) -> bool:
+    """Whether the handler logged a batch (size, explained, answered early) == ``expected``
+    (the frontend flushes its log appenders with a delay)."""
+    end = time.monotonic() + timeout
+    while True:
+        lines = re.findall(r"batch size=(\d+) explained=(\d+) answered_early=(\d+)", server.log_text())
+        if expected in [tuple(map(int, m)) for m in lines]:
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.5)
 
 
 def test_predictions_are_answered_before_the_explanation_ends(server):
@@ -83,12 +92,15 @@ def test_predictions_are_answered_before_the_explanation_ends(server):
     try:
         assert explanation["status"] == 200, explanation["body"]
         assert explanation["body"].get("explanation", {}).get("n_steps") == 512, (explanation, predictions)
-        assert explanation["headers"].get("transfer-encoding") == "chunked"  # its status went first, its body later
+        assert "transfer-encoding" not in explanation["headers"]  # a whole answer, its own status
         for prediction in predictions:
             assert prediction["status"] == 200 and set(prediction["body"]) == {"negative", "neutral", "positive"}
-            assert "transfer-encoding" not in prediction["headers"]
+        # one prediction carries the batch (its answer whole in the first chunk, the stream's end with the batch)
+        carriers = [p for p in predictions if p["headers"].get("transfer-encoding") == "chunked"]
+        assert carriers == [predictions[-1]]
+        for prediction in predictions[:-1]:
             assert prediction["done"] < explanation["done"]  # answered before the explanation ended
-        assert (4, 1, 3) in batch_lines(server)  # they did share one batch
+        assert logged_batch(server, (4, 1, 2))  # they did share one batch
         # the connections stay in step: each gets the answer to its next request
         for j, client in enumerate(clients):
             again = client.call("/predictions/early", f"prediction number {j}".encode(), "text/plain")
@@ -101,20 +113,40 @@ def test_predictions_are_answered_before_the_explanation_ends(server):
             client.close()
 
 
+def test_an_explanation_may_carry_the_batch(server):
+    [explanation], predictions, clients = mixed_batch(server, "carried", [{"data": LONG, **SLOW}])
+    for client in clients:
+        client.close()
+    assert explanation["status"] == 200 and explanation["body"]["explanation"]["n_steps"] == 512
+    assert explanation["headers"].get("transfer-encoding") == "chunked"  # its status went first, its body later
+    for prediction in predictions:
+        assert prediction["status"] == 200 and "transfer-encoding" not in prediction["headers"]
+        assert prediction["done"] < explanation["done"]
+    assert logged_batch(server, (4, 1, 3))
+
+
 def test_off_by_environment(server):
     [explanation], predictions, clients = mixed_batch(server, "late", [{"data": LONG, **SLOW}])
     for client in clients:
         client.close()
     assert explanation["status"] == 200 and "transfer-encoding" not in explanation["headers"]
     assert all(p["status"] == 200 and "transfer-encoding" not in p["headers"] for p in predictions)
-    assert (4, 1, 0) in batch_lines(server)
+    assert logged_batch(server, (4, 1, 0))
 
 
 def test_deadlines_after_early_answers(server):
-    """The carrier (the first explanation) has sent its 200: a deadline it misses later
-    is in its body. Any other explanation still gets its own 504 status."""
+    """By default every status is exact: explanations past their deadline get 504.
+    When an explanation carries the batch, its 200 has gone out: a deadline it
+    misses later is in its body; any other explanation still gets its own 504."""
     late = {"data": LONG, **SLOW, "deadline_ms": 200}
     explanations, predictions, clients = mixed_batch(server, "early", [late, {**late, "data": "a second one " + LONG}])
+    for client in clients:
+        client.close()
+    for explanation in explanations:
+        assert explanation["status"] == 504 and explanation["body"]["type"] == "deadline_exceeded"
+    assert all(p["status"] == 200 for p in predictions)
+
+    explanations, predictions, clients = mixed_batch(server, "carried", [late, {**late, "data": "another " + LONG}])
     for client in clients:
         client.close()
     carrier, other = explanations

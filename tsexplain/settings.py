@@ -105,7 +105,9 @@ class ExplainAccessSettings:
     limit). A request may ask for less with ``"deadline_ms"``.
     ``early_answers``: in a batch that mixes predictions with explanations whose
     work is still to run (integrated gradients, occlusion), answer the ready
-    requests before that work (see docs/design.md, "Early answers").
+    requests before that work; ``early_answer_carrier``: which answer keeps the
+    batch open meanwhile, ``ready`` (every status exact) or ``explanation`` (see
+    docs/design.md, "Early answers").
     """
 
     section = "explain"
@@ -125,6 +127,7 @@ class ExplainAccessSettings:
     cache_mb: float = 32  # explanation cache per worker (0: off); see docs/design.md
     cache_entries: int = 4096
     early_answers: bool = True
+    early_answer_carrier: str = "ready"
 
     override_fields = ()  # the request fields a model type knows
 
@@ -155,6 +158,8 @@ class ExplainAccessSettings:
         _check(isinstance(self.cache_mb, (int, float)) and not isinstance(self.cache_mb, bool)
                and 0 <= self.cache_mb <= 1 << 20, "explain.cache_mb must be a number in [0, 1048576] (0: off)")
         _check(isinstance(self.early_answers, bool), "explain.early_answers must be true or false")
+        _check(self.early_answer_carrier in ("ready", "explanation"),
+               "explain.early_answer_carrier must be ready or explanation")
         _check(_is_int(self.cache_entries, 0, 1 << 24), "explain.cache_entries must be an int in [0, 16777216] (0: off)")
         _check(self.request_overrides is None or (isinstance(self.request_overrides, (list, tuple))
                and set(self.request_overrides) <= set(self.override_fields)),
