@@ -327,9 +327,9 @@ class ExplainerFlow:
         of explanations still to compute. TorchServe 0.12 takes one message per batch
         unless an entry keeps it open as a stream; that entry, the carrier, is answered
         chunked and its stream ends with the batch. ``explain.early_answer_carrier``:
-        ``ready`` (default): one ready answer (an error, else an explanation-route
-        answer, else a prediction) carries the batch, whole in its first chunk, so
-        every status is exact, and the other ready answers go at once (nothing is
+        ``ready`` (default): one ready 2xx answer (an explanation-route answer, else
+        a prediction) carries the batch, whole in its first chunk, so every status
+        is exact, and the other ready answers go at once (nothing is
         sent with fewer than two ready answers); ``explanation``: every ready answer
         goes at once and the first waiting explanation carries the batch, its 200
         sent now and its body (or error object) when done.
@@ -353,10 +353,12 @@ class ExplainerFlow:
             return
         bodies = {idx: batch.final[idx] if batch.final[idx] is not None else self._finish_row(idx) for idx in ready}
         if carried_by_ready:
-            def rank(idx):  # who minds waiting least: errors, then explanation-route answers, then predictions
-                return (0 if (context.get_response_status(idx)[0] or 200) >= 400 else
-                        1 if is_explain_request(context, idx) else 2, -idx)
-            carrier = min(ready, key=rank)
+            # never an error: TorchServe closes the connection after an error status's headers
+            fine = [idx for idx in ready if (context.get_response_status(idx)[0] or 200) < 400]
+            if not fine:
+                return
+            # who minds waiting least: explanation-route answers, then predictions
+            carrier = min(fine, key=lambda idx: (0 if is_explain_request(context, idx) else 1, -idx))
         else:
             carrier = min(waiting)
             bodies[carrier] = ""

@@ -113,15 +113,17 @@ MIXED = [
 def test_ready_answers_go_first_and_a_ready_one_carries_the_batch(text):
     text.handler.cache.clear()
     early, final = text(MIXED)
-    assert set(early) == {"req-0", "req-3", "req-4"} and set(final) == {"req-1", "req-2", "req-3"}
-    for rid in ("req-0", "req-4"):  # whole answers that end the request
-        entry = early[rid]
-        assert entry["status"] == 200 and "ts_stream_next" not in entry["headers"]
-        assert set(body(entry)) == set(LABELS)
-    carrier = early["req-3"]  # the error minds waiting least: its whole answer now, its stream's end later
-    assert carrier["status"] == 400 and carrier["headers"]["ts_stream_next"] == "true"
-    assert body(carrier)["type"] == "bad_n_steps"
-    assert final["req-3"]["headers"]["ts_stream_next"] == "false" and final["req-3"]["body"] == b""
+    assert set(early) == {"req-0", "req-3", "req-4"} and set(final) == {"req-1", "req-2", "req-4"}
+    for rid in ("req-0", "req-3"):  # whole answers that end the request
+        assert "ts_stream_next" not in early[rid]["headers"]
+    assert early["req-0"]["status"] == 200 and set(body(early["req-0"])) == set(LABELS)
+    assert early["req-3"]["status"] == 400 and body(early["req-3"])["type"] == "bad_n_steps"
+    # the last prediction carries the batch: its whole answer now, its stream's end later. Never the
+    # error: TorchServe closes the connection after an error status's headers
+    carrier = early["req-4"]
+    assert carrier["status"] == 200 and carrier["headers"]["ts_stream_next"] == "true"
+    assert set(body(carrier)) == set(LABELS)
+    assert final["req-4"]["headers"]["ts_stream_next"] == "false" and final["req-4"]["body"] == b""
     for rid in ("req-1", "req-2"):  # ordinary answers, each with its own status
         assert "ts_stream_next" not in final[rid]["headers"]
         assert final[rid]["status"] == 200 and body(final[rid])["explanation"]["method"] == "layer_ig"
@@ -165,6 +167,13 @@ def test_answers_equal_the_answers_of_requests_alone(text):
     text.handler.cache.clear()
     early, final = text([requests[1], requests[0]])  # one ready answer: it would only carry, nothing to gain
     assert early is None
+
+
+def test_an_error_never_carries_the_batch(text):
+    text.handler.cache.clear()
+    early, final = text([({"data": "the staff were rude"}, EXPLAIN), ({"data": "x", "n_steps": 999}, EXPLAIN),
+                         ({"data": "y", "target": "nope"}, EXPLAIN)])  # two ready answers, both errors
+    assert early is None and set(final) == {"req-0", "req-1", "req-2"}
 
 
 def test_nothing_is_sent_early_without_explanation_work(text):
