@@ -196,12 +196,17 @@ def concurrent(job, threads: int, budget: Budget) -> tuple[list, float]:
                 results.append(result)
 
     began = time.perf_counter()
+    run_threads(worker, threads)
+    return results, time.perf_counter() - began
+
+
+def run_threads(worker, threads: int) -> None:
+    """Run ``worker`` on ``threads`` threads and wait for all of them."""
     pool = [threading.Thread(target=worker) for _ in range(threads)]
     for thread in pool:
         thread.start()
     for thread in pool:
         thread.join()
-    return results, time.perf_counter() - began
 
 
 def throughput(client: Client, plan: Plan) -> dict:
@@ -297,11 +302,7 @@ def open_loop(job, rate: float, threads: int, budget: Budget, seed: int = 0) -> 
             with lock:
                 results.append((result, late_ms))
 
-    pool = [threading.Thread(target=worker) for _ in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
+    run_threads(worker, threads)
     return results, time.perf_counter() - start
 
 

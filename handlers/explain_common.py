@@ -216,16 +216,10 @@ class ExplainerFlow:
         return cache_key(data, self.model_version, method, PREDICTED if target is None else target,
                          {"settings": self._settings_key, "request": params})
 
-    def cached_explanation(self, key: Optional[str], method: Optional[str] = None, count: bool = True) -> Optional[dict]:
-        """The cached explanation under ``key`` (a fresh copy) or None; counts the hit or
-        miss (``count=False``: the caller counts it with :meth:`count_cache` once it has
-        checked the hit with :meth:`usable_hit`)."""
-        if key is None:
-            return None
-        found = self.cache.get(key)
-        if count:
-            self.count_cache(found is not None, method)
-        return found
+    def cached_explanation(self, key: Optional[str]) -> Optional[dict]:
+        """The cached explanation under ``key`` (a fresh copy) or None. The caller counts
+        it with :meth:`count_cache` once it has checked the hit with :meth:`usable_hit`."""
+        return None if key is None else self.cache.get(key)
 
     def count_cache(self, hit: bool, method: Optional[str] = None) -> None:
         self.count("ExplanationCacheHits" if hit else "ExplanationCacheMisses", method=method)
@@ -382,7 +376,7 @@ class ExplainerFlow:
             batch.final[carrier] = ""  # its stream ends, empty, with the batch's final message
             batch.carrier = carrier
         batch.sent.update(ready)
-        self.count("EarlyAnswers", len(ready) - (1 if carried_by_ready else 0))
+        self.count("EarlyAnswers", batch.answered_early())
 
     def _kserve_request(self, context, idx: int, row) -> "Optional[kserve.KServeRequest]":
         """The KServe request in row ``idx``, or ``None`` for a plain request.

@@ -119,7 +119,7 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
                 item = items[k]
                 cache_keys[k] = self.explanation_key(item.request.image, item.method, item.target,
                                                      self._output_params(item))
-                found = self.cached_explanation(cache_keys[k], item.method, count=False)
+                found = self.cached_explanation(cache_keys[k])
                 if found is not None:
                     hits[k] = found
             lookup_ms = (time.perf_counter() - began) * 1000

@@ -124,7 +124,7 @@ class TextExplainer(ExplainerFlow, TextClassifier):
                     item.inputs.encode("utf-8"), item.method, named,
                     {"n_steps": n_steps, "top_k": key[2], "html": self._wants_html(item), "contrast": item.contrast},
                 )
-                found = self.cached_explanation(cache_keys[k], item.method, count=False)
+                found = self.cached_explanation(cache_keys[k])
                 if found is not None and not self.usable_hit(found, named, predicted):
                     found = None  # stored when another class was predicted: explained again
                 if cache_keys[k] is not None:

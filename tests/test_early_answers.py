@@ -8,9 +8,8 @@ import socket
 import struct
 
 import pytest
-from ts.protocol.otf_message_handler import create_predict_response
-
 from ts.context import RequestProcessor
+from ts.protocol.otf_message_handler import create_predict_response
 
 from harness import EXPLAIN, InProcessHandler, build_image_mar, build_text_mar, png, unpack
 
