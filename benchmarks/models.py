@@ -36,6 +36,8 @@ EXPLAIN_TOKEN_ENV = "TSEXPLAIN_BENCH_TOKEN"
 OURS_EXPLAIN = {"policy": "priority", "token_env": EXPLAIN_TOKEN_ENV, "on_denied": "predict", "cache_mb": 0}
 BATCHED = {"batchSize": 8, "maxBatchDelay": 10}
 SINGLE = {"batchSize": 1, "maxBatchDelay": 1}
+# TorchServe hands each request over as it arrives; the handler batches like BATCHED (explain.async_*)
+ASYNC = {"batchSize": 1, "maxBatchDelay": 1, "asyncCommunication": True}
 WORKERS = {"minWorkers": 1, "maxWorkers": 1, "responseTimeout": 600}
 RESNET_BLOCKS = {"resnet18": ("BasicBlock", [2, 2, 2, 2]), "resnet34": ("BasicBlock", [3, 4, 6, 3]),
                  "resnet50": ("Bottleneck", [3, 4, 6, 3])}
@@ -43,7 +45,7 @@ RESNET_BLOCKS = {"resnet18": ("BasicBlock", [2, 2, 2, 2]), "resnet34": ("BasicBl
 
 @dataclass
 class Model:
-    """A model staged in ``store`` in its four variants, with its request inputs."""
+    """A model staged in ``store`` in its variants, with its request inputs."""
 
     name: str
     kind: str  # "image" or "text"
@@ -57,8 +59,14 @@ class Model:
         """Our batching variant with early answers off (``explain.early_answers: false``)."""
         return f"{self.name}_b8_late"
 
+    @property
+    def concurrent(self) -> str:
+        """Our variant with ``asyncCommunication``: explanations in a lane of their own."""
+        return f"{self.name}_async"
+
     def variants(self) -> dict[str, str]:
-        names = [self.name, f"{self.name}_stock", f"{self.name}_b8", f"{self.name}_stock_b8", self.late]
+        names = [self.name, f"{self.name}_stock", f"{self.name}_b8", f"{self.name}_stock_b8", self.late,
+                 self.concurrent]
         return {n: n for n in names}
 
     def env(self) -> dict[str, str]:
@@ -117,8 +125,11 @@ def stage_pair(name: str, export: Path, ours: dict, stock: dict) -> None:
         base = {**WORKERS, **spec.pop("config")}
         model_dir = archive(model_name, config={**base, **SINGLE}, export=export, **spec)
         batched_copy(model_dir, {**base, **BATCHED})
-        if model_name == name:  # ours again, served with early answers off (Model.env)
+        if model_name == name:  # ours again, served with early answers off (Model.env), and concurrently
             batched_copy(model_dir, {**base, **BATCHED}, "_b8_late")
+            explain = {**base.get("explain", {}), "async_batch_size": BATCHED["batchSize"],
+                       "async_max_batch_delay_ms": BATCHED["maxBatchDelay"]}
+            batched_copy(model_dir, {**base, **ASYNC, "explain": explain}, "_async")
 
 
 def stage_image(name: str, export: Path, architecture: str, weights: Path, labels: Path, image_size: int,

@@ -100,19 +100,27 @@ def _early_answers(models: dict) -> list[str]:
     if not loads:
         return []
     header = ["model", "n", "p50", "p99", "early: p50", "p99", "p99 ratio", "answered early", "expl. work p50",
-              "unchanged", "no early: p50", "p99", "p99 ratio", "answered early", "expl. work p50", "unchanged"]
+              "unchanged", "no early: p50", "p99", "p99 ratio", "answered early", "expl. work p50", "unchanged",
+              "async: p50", "p99", "p99 ratio", "expl. work p50", "unchanged"]
 
     def row(name, u):
         base, on, off = u["predictions_only"], u["with_explanations"], u["with_explanations_off"]
+        concurrent = u.get("with_explanations_async")
         def work(phase):
             return phase.get("explanation_work_ms", {}).get("p50")
 
-        return [name, f"{base['n']:,} / {on['n']:,} / {off['n']:,}", base["p50_ms"], base["p99_ms"],
-                on["p50_ms"], on["p99_ms"], u["ratio_p99"], _early(on), work(on), u["answers_unchanged"],
-                off["p50_ms"], off["p99_ms"], u["ratio_p99_off"], _early(off), work(off), u["answers_unchanged_off"]]
+        counts = [base["n"], on["n"], off["n"]] + ([concurrent["n"]] if concurrent else [])
+        cells = [name, " / ".join(f"{n:,}" for n in counts), base["p50_ms"], base["p99_ms"],
+                 on["p50_ms"], on["p99_ms"], u["ratio_p99"], _early(on), work(on), u["answers_unchanged"],
+                 off["p50_ms"], off["p99_ms"], u["ratio_p99_off"], _early(off), work(off), u["answers_unchanged_off"]]
+        if concurrent is None:  # results from before the concurrent variant
+            return cells + ["-"] * 5
+        return cells + [concurrent["p50_ms"], concurrent["p99_ms"], u["ratio_p99_async"], work(concurrent),
+                        u["answers_unchanged_async"]]
 
-    parts = ["\n**/predictions under load, early answers on and off, closed loop** (ours; prediction-only, then "
-             "10% explained with `early_answers` on and off; n: /predictions answers in each; answered early: "
+    parts = ["\n**/predictions under load, early answers on and off, concurrent, closed loop** (ours; "
+             "prediction-only, then 10% explained with `early_answers` on and off, and with `asyncCommunication` "
+             "(async: the worker batches itself and explains in a lane of its own); n: /predictions answers in each; answered early: "
              "rows answered before their batch's explanation work, of the rows not explained in batches that "
              "held an explanation; expl. work: the handler's own time per explanation, from its log; latency in ms)\n\n"
              + _table(header, [[f"{n} ({u['threads']} threads)"] + row(n, u)[1:] for n, u in loads.items()])]
@@ -121,9 +129,10 @@ def _early_answers(models: dict) -> list[str]:
         rows = []
         for n, o in opened.items():
             late = sum(o[p].get("sent_late_over_10ms", 0) for p in ("predictions_only", "with_explanations",
-                                                                    "with_explanations_off"))
+                                                                    "with_explanations_off", "with_explanations_async")
+                       if p in o)
             rows.append([f"{n} ({o['rate_rps']:g} req/s)"] + row(n, o)[1:] + [late])
-        parts.append("\n**/predictions under load, early answers on and off, open loop** (the same phases with "
+        parts.append("\n**/predictions under load, early answers on and off, concurrent, open loop** (the same phases with "
                      "requests sent at a fixed Poisson rate from a pool of threads, latency from the scheduled send; "
                      "rate: a share of the closed-loop explained phases' throughput; sent late: requests sent over "
                      "10 ms after their time, all phases)\n\n" + _table(header + ["sent late"], rows))
@@ -169,14 +178,16 @@ def chart(results: dict, path: Path) -> None:
 
 
 def _load_panel(ax, models: dict, names: list) -> None:
-    """/predictions p99 under load: prediction-only, 10% explained with early answers on, off;
-    closed loop, and open loop where measured."""
+    """/predictions p99 under load: prediction-only, 10% explained with early answers on, off,
+    and with asyncCommunication; closed loop, and open loop where measured."""
     series = [("closed", "predictions_only", "prediction-only", "#bdbdbd"),
               ("closed", "with_explanations", "10% explained", "#31a354"),
               ("closed", "with_explanations_off", "10% explained, no early answers", "#a1d99b"),
+              ("closed", "with_explanations_async", "10% explained, asyncCommunication", "#fd8d3c"),
               ("open", "predictions_only", "open loop: prediction-only", "#969696"),
               ("open", "with_explanations", "open loop: 10% explained", "#756bb1"),
-              ("open", "with_explanations_off", "open loop: 10% explained, no early answers", "#bcbddc")]
+              ("open", "with_explanations_off", "open loop: 10% explained, no early answers", "#bcbddc"),
+              ("open", "with_explanations_async", "open loop: 10% explained, asyncCommunication", "#fdd0a2")]
 
     def value(name, loop, phase):
         u = models[name]["under_load"]

@@ -12,8 +12,10 @@ wall-time limit:
 - ``under_load``: our batching variant, prediction-only against 10% of the requests explained
   (priority header and explanation token; ``policy: priority``), the explained phase twice: with
   early answers on (``<name>_b8``, the default) and off (``<name>_b8_late``, the same files served
-  with ``TSEXPLAIN_<NAME>_B8_LATE_EARLY_ANSWERS=false``), phases in ABCCBA order (run ``load_rounds``
-  times, so that background load falls on all three alike). First closed-loop
+  with ``TSEXPLAIN_<NAME>_B8_LATE_EARLY_ANSWERS=false``), and once more on ``<name>_async``
+  (``asyncCommunication: true``: the worker batches itself and explains in a lane of its own),
+  phases in ABCDDCBA order (run ``load_rounds`` times, so that background load falls on all four
+  alike). First closed-loop
   (several client threads, each sending its next request when answered), then open-loop (requests
   sent at a fixed Poisson rate, the same arrival times in every phase, from a pool of threads;
   latency counted from the scheduled send time): the rate is ``OPEN_LOOP_SHARE`` of the slower
@@ -79,7 +81,7 @@ class Plan:
     throughput: Budget  # concurrent /predictions, each handler (split in two halves)
     load: Budget  # concurrent load, each phase (split in 2 x load_rounds slices)
     threads: int
-    load_rounds: int = 1  # under_load runs its ABCCBA order this many times (background load spreads evenly)
+    load_rounds: int = 1  # under_load runs its ABCDDCBA order this many times (background load spreads evenly)
 
 
 # Small enough for ~15 minutes on 2 CPU cores for all four models (quick: a smoke test).
@@ -90,7 +92,7 @@ PLANS = {
             "resnet50": Plan(3, Budget(25, 30), Budget(25, 30), Budget(3, 60), Budget(48, 25), Budget(60, 40), 8),
             "bert-base": Plan(2, Budget(20, 30), Budget(3, 60), Budget(3, 60), Budget(48, 25), Budget(40, 40), 8)},
     # Aimed at the device tool's 10-minute command limit for resnet50 and bert-base together (not yet run
-    # with the six under_load phases; if it runs over, give benchmarks/gpu/run.sh one model per call).
+    # with the eight under_load phases; if it runs over, give benchmarks/gpu/run.sh one model per call).
     "gpu": {"small": Plan(20, Budget(300, 15), Budget(300, 15), Budget(50, 25), Budget(2000, 15), Budget(2000, 12), 16),
             "resnet50": Plan(20, Budget(300, 15), Budget(300, 15), Budget(30, 25), Budget(2000, 15), Budget(2000, 12), 16),
             "bert-base": Plan(10, Budget(300, 15), Budget(100, 15), Budget(30, 25), Budget(2000, 15), Budget(1000, 12), 16)}}
@@ -306,8 +308,9 @@ def open_loop(job, rate: float, threads: int, budget: Budget, seed: int = 0) -> 
     return results, time.perf_counter() - start
 
 
-PHASES = ("predictions_only", "with_explanations", "with_explanations_off")  # the last: early answers off
-PHASE_ORDER = PHASES + PHASES[::-1]  # ABCCBA, each phase in two slices (per round)
+# with_explanations_off: early answers off; with_explanations_async: the asyncCommunication variant
+PHASES = ("predictions_only", "with_explanations", "with_explanations_off", "with_explanations_async")
+PHASE_ORDER = PHASES + PHASES[::-1]  # ABCDDCBA, each phase in two slices (per round)
 
 
 def _load_phases(client: Client, variants: dict, references: dict, run_slice, log: BatchLog, rounds: int) -> dict:
@@ -370,7 +373,8 @@ def _summarise_phases(records: dict, timed_sends: bool = False) -> dict:
     noise = out["predictions_only"]["max_probability_difference"]
     out["tolerance"] = tolerance = max(2 * noise, 1e-6)
     base = out["predictions_only"]
-    for phase, suffix in (("with_explanations", ""), ("with_explanations_off", "_off")):
+    for phase, suffix in (("with_explanations", ""), ("with_explanations_off", "_off"),
+                          ("with_explanations_async", "_async")):
         mixed = out[phase]
         out["answers_unchanged" + suffix] = (mixed["labels_differ"] == 0 and base["labels_differ"] == 0
                                              and mixed["max_probability_difference"] <= tolerance
@@ -382,16 +386,18 @@ def _summarise_phases(records: dict, timed_sends: bool = False) -> dict:
 
 def under_load(client: Client, plan: Plan) -> dict:
     """/predictions under prediction-only load and with 10% of the requests explained (ours), early
-    answers on and off; closed-loop, then open-loop."""
-    on, off = f"{client.model.name}_b8", client.model.late
-    variants = {"predictions_only": on, "with_explanations": on, "with_explanations_off": off}
+    answers on and off, and concurrent (asyncCommunication); closed-loop, then open-loop."""
+    on, off, lanes = f"{client.model.name}_b8", client.model.late, client.model.concurrent
+    variants = {"predictions_only": on, "with_explanations": on, "with_explanations_off": off,
+                "with_explanations_async": lanes}
     references = {}
     for i in range(len(client.model.inputs)):  # each input alone (a batch of one)
         status, body, _ = client.call(on, "predictions", i, False)
         references[i] = json.loads(body)
-    for i in range(plan.warmup):  # the early-answers-off worker has served nothing yet
+    for i in range(plan.warmup):  # these workers have served nothing yet
         client.call(off, "predictions", i, False)
-    for variant in (on, off):
+        client.call(lanes, "predictions", i, False)
+    for variant in (on, off, lanes):
         client.call(variant, "explanations", 0, False)
     rounds = plan.load_rounds
     log, part = BatchLog(client.ts), Budget(max(1, plan.load.requests // (2 * rounds)), plan.load.seconds / rounds)

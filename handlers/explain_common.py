@@ -7,11 +7,14 @@ handler's ``_answer_batch``.
 """
 from __future__ import annotations
 
+import asyncio
+import copy
 import dataclasses
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -22,7 +25,8 @@ from ts.protocol.otf_message_handler import create_predict_response
 from tsexplain import kserve
 from tsexplain.deadline import Deadline, DeadlineExceeded, enforce
 from tsexplain.cache import PREDICTED, ExplanationCache, cache_key, fingerprint_files, model_version
-from tsexplain.errors import RequestError
+from tsexplain.concurrency import MicroBatcher, Overloaded, shared_weights_copy
+from tsexplain.errors import ConfigError, RequestError
 from tsexplain.parsing import request_body
 from tsexplain.policy import EXPLANATIONS_ROUTE_MARKER, ExplanationGate, load_secret, lower_case_headers
 
@@ -153,6 +157,58 @@ def adopt_envelope(handler) -> None:
         frame = frame.f_back
 
 
+class SerializedSocket:
+    """TorchServe's worker socket with one writer at a time. With ``asyncCommunication``
+    TorchServe's sender thread and the handler's batch threads both write whole
+    messages to it; unserialized, their bytes could interleave."""
+
+    def __init__(self, sock):
+        self._socket = sock
+        self._lock = threading.Lock()
+
+    def sendall(self, data) -> None:
+        with self._lock:
+            self._socket.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self._socket, name)
+
+
+def serialize_worker_socket(context) -> bool:
+    """Make TorchServe's ``Service`` (the one whose context is ``context``) keep its worker
+    socket as a :class:`SerializedSocket`. TorchServe 0.12 builds the Service in
+    ``TsModelLoader.load`` and calls ``initialize`` from there; the Service is found on
+    the stack and sets its socket after loading. Returns False when not found."""
+    from ts.service import Service
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        for value in list(frame.f_locals.values()):
+            if isinstance(value, Service) and value.context is context:
+                plain = type(value).set_cl_socket
+                value.set_cl_socket = lambda sock, service=value: plain(
+                    service, sock if isinstance(sock, SerializedSocket) else SerializedSocket(sock))
+                return True
+        frame = frame.f_back
+    return False
+
+
+class _PerThread:
+    """A handler attribute with one value per thread: with ``asyncCommunication`` two
+    batches run at once (one predicting, one explaining), each with its own state."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, handler, owner=None):
+        if handler is None:
+            return self
+        return getattr(handler.__dict__.setdefault("_per_thread", threading.local()), self.name, None)
+
+    def __set__(self, handler, value):
+        setattr(handler.__dict__.setdefault("_per_thread", threading.local()), self.name, value)
+
+
 @dataclass
 class _Batch:
     """What ``handle`` knows of the batch it is answering."""
@@ -188,7 +244,10 @@ class ExplainerFlow:
                     s.max_per_batch, ",".join(s.routes))
 
     cache = ExplanationCache(0, 0)  # off until _init_cache
-    _batch: Optional[_Batch] = None  # the batch being answered
+    context = _PerThread()  # TorchServe's context of the batch being answered (a UnitResponses)
+    _batch = _PerThread()  # the batch being answered (a _Batch)
+    _lane = _PerThread()  # with asyncCommunication: the MicroBatcher batch being answered
+    batcher: Optional[MicroBatcher] = None  # with asyncCommunication: batches requests in the worker
     foreign_envelope = False  # a service envelope other than KServe's wraps the answers
     model_version = None
 
@@ -235,9 +294,133 @@ class ExplainerFlow:
         self.cache.reject()
         return False
 
+    @property
+    def concurrent(self) -> bool:
+        """True with TorchServe's ``asyncCommunication``: explanations in a lane of their own."""
+        return self.batcher is not None
+
+    def _init_concurrency(self, context, model, tokenizer=None):
+        """The model the explainers use: ``model`` itself, or with TorchServe's
+        ``asyncCommunication: true`` a copy of its module tree over the same weights
+        (:func:`~tsexplain.concurrency.shared_weights_copy`), explained in a lane of
+        its own while the next requests are predicted (docs/design.md, "Concurrent
+        explanations"). Returns ``(model, tokenizer)`` for the explainers."""
+        config = getattr(context, "model_yaml_config", None) or {}
+        self.batcher = None
+        if config.get("asyncCommunication") is not True:
+            return model, tokenizer
+        batch_size = int(context.system_properties.get("batch_size") or 1)
+        if batch_size != 1:
+            raise ConfigError(f"asyncCommunication: true needs batchSize: 1 (got {batch_size}): the worker then "
+                              "batches requests itself (explain.async_batch_size, async_max_batch_delay_ms)")
+        if self.foreign_envelope:
+            raise ConfigError("asyncCommunication: true works with no service_envelope or KServe's only")
+        if not serialize_worker_socket(context):
+            raise ConfigError("asyncCommunication: true: TorchServe's Service was not found while loading "
+                              "(TorchServe 0.12 is supported)")
+        try:
+            view = shared_weights_copy(model)
+        except TypeError as exc:
+            raise ConfigError(f"asyncCommunication: true: {exc}") from None
+        s = self.explain_settings
+        self.batcher = MicroBatcher(self._run_concurrent_batch, s.async_batch_size, s.async_max_batch_delay_ms / 1000,
+                                    s.async_max_queued, name=context.model_name)
+        logger.info("concurrent explanations (asyncCommunication): worker batches of %d within %g ms, at most %d "
+                    "requests queued; explainers on a copy of the module tree sharing the model's weights",
+                    s.async_batch_size, s.async_max_batch_delay_ms, s.async_max_queued)
+        # a fast tokenizer is not safe to call from two threads at once (its padding state is shared)
+        return view, (copy.deepcopy(tokenizer) if tokenizer is not None else None)
+
     def handle(self, data, context):
+        """TorchServe's entry point: answers the batch, or with ``asyncCommunication``
+        returns the coroutine TorchServe's async service awaits."""
+        if self.batcher is not None:
+            return self._handle_async(data, context)
+        return self._handle_batch(data, context)
+
+    async def _handle_async(self, data, context):
+        """One frontend message (one request, as batchSize is 1): queued for the worker's
+        own batches; answered when ready, whatever else is still explaining.
+
+        TorchServe 0.12's async frontend forgets a request only when a message marks its
+        stream ended (``ts_stream_next: false``), and a first message so marked loses its
+        HTTP headers. So each request gets two messages: its answer (streamed with
+        ``ts_stream_next: true`` for 2xx; a whole response for errors, after which
+        TorchServe closes the connection as it always does on errors), sent by the batch
+        thread as soon as it is ready, and then this coroutine's return, an empty end of
+        stream. Never raises: an error message here would fail every request in the worker.
+        """
+        waiting = []
+        for idx, row in enumerate(data):
+            try:
+                waiting.append(self.batcher.submit((row, context, idx)))
+            except Overloaded as exc:
+                logger.warning("request refused: %s", exc)
+                waiting.append(RequestError(f"the worker is overloaded ({exc}); try again later", "overloaded", 503))
+        bodies = []
+        for idx, pending in enumerate(waiting):
+            if isinstance(pending, RequestError):
+                body = answer_error(context, idx, pending)
+                sent = self._send_answer(context, idx, body)
+            else:
+                try:
+                    body, sent = await asyncio.wrap_future(pending)
+                except Exception as exc:  # noqa: BLE001 - answered as this request's own failure
+                    logger.error("request failed in the worker: %s", type(exc).__name__)
+                    body = answer_error(context, idx, RequestError("the request failed on the server",
+                                                                   "server_error", 503))
+                    sent = self._send_answer(context, idx, body)
+            if sent:  # the answer is out: end its stream
+                context.set_response_header(idx, "ts_stream_next", "false")
+                body = ""
+            bodies.append(body)
+        return bodies
+
+    @staticmethod
+    def _send_answer(context, idx: int, body: str) -> bool:
+        """Send request ``idx``'s answer now on TorchServe's worker socket (the first of its
+        two messages, see ``_handle_async``). False where there is no serialized socket."""
+        sock = getattr(context, "cl_socket", None)
+        if not isinstance(sock, SerializedSocket):
+            return False
+        streamed = (context.get_response_status(idx)[0] or 200) < 400
+        try:
+            sock.sendall(create_predict_response({idx: body}, {idx: context.request_ids[idx]}, "Prediction success",
+                                                 200, context, ts_stream_next=streamed))
+        except OSError as exc:
+            logger.error("answer not sent: %s", type(exc).__name__)
+            return False
+        return True
+
+    def _deliver(self, lane, k: int, body: str) -> None:
+        """Answer item ``k`` of a worker batch: send it, then wake its coroutine."""
+        if lane.delivered(k):
+            return
+        _, context, idx = lane.items[k]
+        lane.deliver(k, (body, self._send_answer(context, idx, body)))
+
+    def _run_concurrent_batch(self, lane) -> None:
+        """Answer a worker batch (``lane.items``: (row, its request's context, its index
+        there)) with the usual flow; ``answer_early`` hands it to the explanation lane."""
+        rows = lane.items
+        merged = copy.copy(rows[0][1])  # the requests' own RequestProcessors: statuses land in their contexts
+        merged.request_ids = {k: context.request_ids[idx] for k, (_, context, idx) in enumerate(rows)}
+        merged.request_processor = [context.request_processor[idx] for _, context, idx in rows]
+        merged.cl_socket = None
+        merged.stopping_criteria = None
+        self._lane = lane
+        try:
+            bodies = self._handle_batch([row for row, _, _ in rows], merged, lane.first_arrival)
+        finally:
+            self._lane = None
+        for k, body in enumerate(bodies):
+            self._deliver(lane, k, body)
+
+    def _handle_batch(self, data, context, arrived: Optional[float] = None):
+        """Answer one batch; ``arrived``: when its first request reached the worker
+        (``time.monotonic``; default now), where deadlines count from."""
         start = time.perf_counter()
-        batch_start = time.monotonic()  # deadlines count from here
+        batch_start = time.monotonic() if arrived is None else arrived  # deadlines count from here
         self.context = responses = UnitResponses(context)
         final: list = [None] * len(data)
         units, kserve_rows, row_units = [], {}, {}  # units: (row, body); KServe rows: {row: request}
@@ -332,6 +515,9 @@ class ExplainerFlow:
         rewrites the answers (only KServe's are adopted).
         """
         batch = self._batch
+        if batch is not None and self._lane is not None:
+            self._hand_over(batch, self._lane)
+            return
         if batch is None or batch.sent or not self.explain_settings.early_answers or self.foreign_envelope:
             return
         context = batch.context
@@ -377,6 +563,24 @@ class ExplainerFlow:
             batch.carrier = carrier
         batch.sent.update(ready)
         self.count("EarlyAnswers", batch.answered_early())
+
+    def _hand_over(self, batch: _Batch, lane) -> None:
+        """With ``asyncCommunication``: answer every ready request of the batch now, then
+        leave the prediction lane (the next batch starts) and wait for the explanation lane."""
+        if not lane.in_prediction_lane:
+            return
+        for idx, members in batch.row_units.items():
+            if batch.final[idx] is None and all(batch.answers[u] is not None for u in members):
+                batch.final[idx] = self._finish_row(idx)
+        ready = [idx for idx, body in enumerate(batch.final) if body is not None]
+        for idx in ready:
+            self._deliver(lane, idx, batch.final[idx])
+        batch.sent.update(ready)
+        if ready:
+            self.count("EarlyAnswers", len(ready))
+        lane.leave_prediction_lane()
+        if lane.explanation_lane_wait_s > 0.001:
+            logger.info("explanation lane: waited %.0f ms", lane.explanation_lane_wait_s * 1000)
 
     def _kserve_request(self, context, idx: int, row) -> "Optional[kserve.KServeRequest]":
         """The KServe request in row ``idx``, or ``None`` for a plain request.

@@ -54,17 +54,19 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
         self.topk = min(self.topk, num_classes)
         settings = self.explain_settings
         self.layer_name = settings.target_layer or find_target_layer(self.model, example)
-        layer = get_layer(self.model, self.layer_name)
-        layout = find_layout(self.model) if settings.feature_layout == "auto" else settings.feature_layout
+        explained_model, _ = self._init_concurrency(context, self.model)  # the model, or a view of it
+        layer = get_layer(explained_model, self.layer_name)
+        layout = find_layout(explained_model) if settings.feature_layout == "auto" else settings.feature_layout
         try:
-            shape = feature_map_shape(self.model, layer, example, grid_reshape(layout))
+            shape = feature_map_shape(explained_model, layer, example, grid_reshape(layout))
         except TypeError as exc:
             raise ConfigError(f"target layer {self.layer_name!r} (feature_layout {layout}): {exc}") from None
         if len(shape) != 4:
             raise ConfigError(f"target layer {self.layer_name!r} outputs shape {shape}, not [N, C, h, w]")
         self.feature_size = (shape[2], shape[3])
-        self.gradcam = GradCAM(self.model, layer, layout)
-        self.integrated = {"layer_ig": ImageIG(self.model, layer, layout), "integrated_gradients": ImageIG(self.model)}
+        self.gradcam = GradCAM(explained_model, layer, layout)
+        self.integrated = {"layer_ig": ImageIG(explained_model, layer, layout),
+                           "integrated_gradients": ImageIG(explained_model)}
         self._init_cache(context)
         logger.info("explanations on %s (%s): %dx%d cells for %dx%d input; methods %s", self.layer_name, layout,
                     shape[2], shape[3], height, width, ",".join(settings.methods))
@@ -125,11 +127,14 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
             lookup_ms = (time.perf_counter() - began) * 1000
         pending = [k for k in explained if k not in hits]
         cam_rows = [k for k in pending if items[k].method in IMAGE_CAM_METHODS]
-        if cam_rows:  # one forward pass for the predictions and every CAM map of the batch
+        # one forward pass for the predictions and every CAM map of the batch; with concurrent
+        # explanations the maps come after the predictions are answered, in the explanation lane
+        late_cam = cam_rows if self.concurrent else []
+        if cam_rows and not self.concurrent:
             logits = self._cam(batch, cam_rows, items, {k: items[k].target for k in cam_rows}, results, failures)
         if logits is None:
             logits = self.inference(batch)
-        needs_classes = hits or any(items[k].method in IG_METHODS for k in pending)
+        needs_classes = hits or late_cam or any(items[k].method in IG_METHODS for k in pending)
         predicted = logits.argmax(dim=1).tolist() if needs_classes else []
         stale = [k for k in hits if not self.usable_hit(hits[k], items[k].target, predicted[k])]
         for k in cache_keys:
@@ -140,7 +145,9 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
             if items[k].contrast == predicted[k]:
                 failures[k] = RequestError("'contrast' is the predicted class; name another class", "bad_contrast")
         stale_cam = [k for k in stale if items[k].method in IMAGE_CAM_METHODS and k not in failures]
-        if stale_cam:
+        if self.concurrent:
+            late_cam = [k for k in late_cam + stale_cam if k not in failures]
+        elif stale_cam:
             self._cam(batch, stale_cam, items, {k: predicted[k] for k in stale_cam}, results, failures, fused=False)
         probabilities = F.softmax(logits.float(), dim=1).cpu()
         steps = {k: items[k].request.n_steps or self.explain_settings.n_steps for k in pending}
@@ -172,16 +179,20 @@ class ImageExplainer(ExplainerFlow, ImageClassifier):
             else:
                 answers[item.idx] = self.answer_prediction(item, ranked)
 
+        late = set(integrated) | set(late_cam)
         for k in range(len(items)):
-            if k not in integrated:
+            if k not in late:
                 finish(k)
-        if integrated:
-            self.answer_early()  # the predictions and CAM maps need not wait for the integration
+        if late:
+            self.answer_early()  # the predictions (and CAM maps) need not wait for the rest
+        if late_cam:  # explicit classes: the maps explain what this batch's forward predicted
+            targets = {k: predicted[k] if items[k].target is None else items[k].target for k in late_cam}
+            self._cam(batch, late_cam, items, targets, results, failures, fused=False)
         for method in IG_METHODS:  # after the shared prediction forward, one captum call per step count
             for n_steps in sorted({steps[k] for k in integrated if items[k].method == method}):
                 rows = [k for k in integrated if items[k].method == method and steps[k] == n_steps]
                 self._integrate(method, n_steps, batch, rows, items, predicted, results, failures)
-        for k in integrated:
+        for k in sorted(late):
             finish(k)
 
     def _cam(self, batch, rows, items, targets, results, failures, fused: bool = True):

@@ -57,6 +57,7 @@ class TextExplainer(ExplainerFlow, TextClassifier):
         id2label = self.model.config.id2label
         self.labels = [str(id2label.get(i, i)) for i in range(self.model.config.num_labels)]
         settings = self.explain_settings
+        explained_model, explained_tokenizer = self._init_concurrency(context, self.model, self.tokenizer)
         self.explainers = {}
         for method in settings.methods:
             options = dict(
@@ -70,7 +71,7 @@ class TextExplainer(ExplainerFlow, TextClassifier):
                                                       settings.max_relative_delta))
             elif settings.internal_batch_size == "auto":  # measured for the integration only
                 options["internal_batch_size"] = DEFAULT_INTERNAL_BATCH_SIZE
-            self.explainers[method] = make_text_explainer(method, self.model, self.tokenizer, **options)
+            self.explainers[method] = make_text_explainer(method, explained_model, explained_tokenizer, **options)
         self.explainer = self.explainers[settings.method]  # the default method's
         self.max_length = self.explainer.max_length
         self._init_cache(context)

@@ -35,8 +35,8 @@ def test_outputs_written(quick):
     text = (out / "results.md").read_text()
     for heading in ("**Targets**", "**Sequential, batch 1**", "**Concurrent /predictions throughput**",
                     "**/predictions under load, ours**", "**LIG convergence**",
-                    "**/predictions under load, early answers on and off, closed loop**",
-                    "**/predictions under load, early answers on and off, open loop**"):
+                    "**/predictions under load, early answers on and off, concurrent, closed loop**",
+                    "**/predictions under load, early answers on and off, concurrent, open loop**"):
         assert heading in text
     assert "| shapes |" in text and "| reviews |" in text
 
@@ -57,7 +57,7 @@ def test_every_scenario_measured_without_errors(quick):
         assert load["open_loop"]["rate_rps"] > 0
         for loop in (load, load["open_loop"]):
             assert loop["predictions_only"]["n"] >= 1 and loop["predictions_only"]["errors"] == 0
-            for phase in ("with_explanations", "with_explanations_off"):
+            for phase in ("with_explanations", "with_explanations_off", "with_explanations_async"):
                 mixed = loop[phase]
                 assert mixed["n"] >= 1 and mixed["explained"]["n"] >= 1
                 assert mixed["errors"] == 0 and mixed["explanations_not_computed"] == 0
@@ -79,7 +79,9 @@ def test_answers_and_sizes(quick):
         for loop in (model["under_load"], model["under_load"]["open_loop"]):
             assert loop["with_explanations"]["labels_differ"] == 0
             assert loop["with_explanations_off"]["labels_differ"] == 0
+            assert loop["with_explanations_async"]["labels_differ"] == 0
             assert loop["answers_unchanged"] is True and loop["answers_unchanged_off"] is True
+            assert loop["answers_unchanged_async"] is True
     # Grad-CAM shares the forward pass: nothing is left to answer early for
     for loop in (shapes["under_load"], shapes["under_load"]["open_loop"]):
         assert loop["with_explanations"]["batches"]["answered_early"] == 0

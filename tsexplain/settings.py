@@ -101,8 +101,16 @@ class ExplainAccessSettings:
     on the legacy routes, which TorchServe cannot tell apart).
     ``max_instances``: the most instances one KServe v1/v2 request may carry.
     ``deadline_ms``: time allowed to one request's explanation, counted from when
-    the worker starts on its batch; past it the request gets a 504 (``None``: no
+    the worker starts on its batch (with ``asyncCommunication``, from when the batch's
+    first request reached the worker); past it the request gets a 504 (``None``: no
     limit). A request may ask for less with ``"deadline_ms"``.
+    ``async_batch_size``, ``async_max_batch_delay_ms``, ``async_max_queued``: with
+    TorchServe's ``asyncCommunication: true`` (and ``batchSize: 1``) the worker takes
+    each request as it comes and batches them itself: at most ``async_batch_size``,
+    closed ``async_max_batch_delay_ms`` after it could start (as ``maxBatchDelay``); past
+    ``async_max_queued`` requests in the worker, new ones get 503 ``overloaded``.
+    Predictions then never wait for explanation work (docs/design.md, "Concurrent
+    explanations").
     ``early_answers``: in a batch that mixes predictions with explanations whose
     work is still to run (integrated gradients, occlusion), answer the ready
     requests before that work; ``early_answer_carrier``: which answer keeps the
@@ -128,6 +136,9 @@ class ExplainAccessSettings:
     cache_entries: int = 4096
     early_answers: bool = True
     early_answer_carrier: str = "ready"
+    async_batch_size: int = 8  # with asyncCommunication: the worker's own batches
+    async_max_batch_delay_ms: float = 10
+    async_max_queued: int = 256
 
     override_fields = ()  # the request fields a model type knows
 
@@ -160,6 +171,11 @@ class ExplainAccessSettings:
         _check(isinstance(self.early_answers, bool), "explain.early_answers must be true or false")
         _check(self.early_answer_carrier in ("ready", "explanation"),
                "explain.early_answer_carrier must be ready or explanation")
+        _check(_is_int(self.async_batch_size, 1, 1024), "explain.async_batch_size must be an int in [1, 1024]")
+        _check(isinstance(self.async_max_batch_delay_ms, (int, float)) and not isinstance(self.async_max_batch_delay_ms, bool)
+               and 0 <= self.async_max_batch_delay_ms <= 10_000,
+               "explain.async_max_batch_delay_ms must be a number in [0, 10000] (milliseconds)")
+        _check(_is_int(self.async_max_queued, 1, 1 << 20), "explain.async_max_queued must be an int in [1, 1048576]")
         _check(_is_int(self.cache_entries, 0, 1 << 24), "explain.cache_entries must be an int in [0, 16777216] (0: off)")
         _check(self.request_overrides is None or (isinstance(self.request_overrides, (list, tuple))
                and set(self.request_overrides) <= set(self.override_fields)),
