@@ -91,8 +91,8 @@ def test_targets_rows(quick):
     _, results = quick
     rows = results["targets"]
     assert {r["model"] for r in rows} == {"shapes", "reviews"}
-    assert len([r for r in rows if r["model"] == "shapes"]) == 6
-    assert len([r for r in rows if r["model"] == "reviews"]) == 5
+    assert len([r for r in rows if r["model"] == "shapes"]) == 7
+    assert len([r for r in rows if r["model"] == "reviews"]) == 6
     for r in rows:
         assert isinstance(r["met"], bool) and r["comparison"] in ("<=", ">=") and r["value"] is not None
         assert r["met"] == (r["value"] <= r["threshold"] if r["comparison"] == "<=" else r["value"] >= r["threshold"])

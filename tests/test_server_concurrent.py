@@ -14,6 +14,7 @@ pytestmark = pytest.mark.server
 LABELS = {"negative", "neutral", "positive"}
 LONG = " ".join(["the staff were rude but the soup was great"] * 6)
 SLOW = {"data": LONG, "n_steps": 1024}  # seconds of Layer IG on the tiny model (internal batches of 8)
+SECRET = "concurrent-audit-secret"
 EXPLAIN = {"n_steps": 16, "max_n_steps": 1024, "cache_mb": 0, "internal_batch_size": 8}
 
 
@@ -24,24 +25,29 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("concurrent")
     build_text_mar(tmp, "conc", config={"asyncCommunication": True, "batchSize": 1, "explain": EXPLAIN})
     build_text_mar(tmp, "sync", config={"batchSize": 1, "explain": EXPLAIN})  # the same seeded weights
-    env = {"TSEXPLAIN_SMALL_ASYNC_MAX_QUEUED": "1"}
-    models = {"conc": "conc.mar", "sync": "sync.mar", "small": "conc.mar"}
+    env = {"TSEXPLAIN_SMALL_ASYNC_MAX_QUEUED": "1",
+           # README's worked example, "explain only audit traffic, token-protected", set by environment
+           "TSEXPLAIN_AUDITED_POLICY": "priority", "TSEXPLAIN_AUDITED_PRIORITY_VALUES": "[audit]",
+           "TSEXPLAIN_AUDITED_ON_DENIED": "predict", "TSEXPLAIN_AUDITED_TOKEN_ENV": "AUDIT_TEST_SECRET",
+           "AUDIT_TEST_SECRET": SECRET}
+    models = {"conc": "conc.mar", "sync": "sync.mar", "small": "conc.mar", "audited": "conc.mar"}
     with TorchServe(tmp / "store", models, tmp / "ts", env=env) as ts:
         yield ts
 
 
-def call(server, path, body, content_type="application/json"):
+def call(server, path, body, content_type="application/json", headers=None):
     if not isinstance(body, bytes):
         body = json.dumps(body).encode()
-    status, raw = server.request("POST", server.inference_url + path, body, {"Content-Type": content_type},
-                                 timeout=300)
+    status, raw = server.request("POST", server.inference_url + path, body,
+                                 {"Content-Type": content_type, **(headers or {})}, timeout=300)
     return {"status": status, "body": json.loads(raw), "done": time.monotonic()}
 
 
-def predictions_during_an_explanation(server, model, count=4):
+def predictions_during_an_explanation(server, model, count=4, headers=None):
     """A slow explanation, then ``count`` predictions one after another while it runs."""
     explanation = {}
-    worker = threading.Thread(target=lambda: explanation.update(call(server, f"/explanations/{model}", SLOW)))
+    worker = threading.Thread(target=lambda: explanation.update(
+        call(server, f"/explanations/{model}", SLOW, headers=headers)))
     worker.start()
     time.sleep(0.5)  # it has reached the worker
     predictions = [call(server, f"/predictions/{model}", f"prediction number {j}".encode(), "text/plain")
@@ -113,3 +119,18 @@ def test_the_worker_logged_concurrent_mode(server):
     while "concurrent explanations (asyncCommunication)" not in server.log_text():
         assert time.monotonic() < deadline, "no log line for the concurrent mode"
         time.sleep(0.5)
+
+
+def test_audit_traffic_only_token_protected(server):
+    """README's worked example with asyncCommunication, tried as a user would."""
+    plain = call(server, "/explanations/audited", {"data": "the soup was cold"})
+    assert plain["status"] == 200 and plain["body"]["explanation"] is None and plain["body"]["explanation_skipped"]
+    wrong = call(server, "/explanations/audited", {"data": "the soup was cold"},
+                 headers={"X-Priority": "audit", "X-Explain-Token": "not-it"})
+    assert wrong["status"] == 200 and wrong["body"]["explanation"] is None
+    explanation, predictions = predictions_during_an_explanation(
+        server, "audited", headers={"x-priority": "AUDIT", "X-Explain-Token": SECRET})
+    assert explanation["status"] == 200 and explanation["body"]["explanation"]["n_steps"] == 1024
+    assert all(p["status"] == 200 and p["done"] < explanation["done"] for p in predictions)
+    log = server.log_text()
+    assert SECRET not in log and "not-it" not in log

@@ -6,6 +6,7 @@ several pieces) and models are built from configs with random weights.
 """
 
 import json
+import threading
 from functools import lru_cache
 
 import torch
@@ -27,6 +28,9 @@ from transformers import (
     XLMRobertaConfig,
     XLMRobertaForSequenceClassification,
 )
+from transformers import PreTrainedModel as _PreTrainedModel
+
+_GENUINE_INIT_WEIGHTS = _PreTrainedModel.init_weights  # as imported, before any load could patch it
 
 CORPUS = [
     "the movie was good and the plot was believable",
@@ -197,10 +201,31 @@ INIT = {"distilbert": 0.15}
 
 
 @lru_cache(maxsize=None)
+def _check_init_functions(when: str) -> None:
+    """Fail loudly if transformers' ``no_init_weights`` has left weight initialisation off.
+
+    It swaps ``torch.nn.init``'s functions and ``PreTrainedModel.init_weights`` for no-ops,
+    process-wide, while a ``from_pretrained`` runs, and restores what it saved; two loads in
+    two threads at once can restore the no-ops for good. A model built meanwhile keeps
+    uninitialised weights (seen once in a full run: four tests on tiny models failed)."""
+    from transformers import PreTrainedModel
+    from transformers.initialization import TORCH_INIT_FUNCTIONS
+
+    patched = [name for name, genuine in TORCH_INIT_FUNCTIONS.items() if getattr(torch.nn.init, name) is not genuine]
+    if PreTrainedModel.init_weights is not _GENUINE_INIT_WEIGHTS:
+        patched.append("PreTrainedModel.init_weights")
+    if patched:
+        threads = ", ".join(sorted(t.name for t in threading.enumerate()))
+        raise RuntimeError(f"{when}: weight initialisation is switched off ({', '.join(patched)}), as transformers' "
+                           f"no_init_weights leaves it when from_pretrained runs in another thread; threads: {threads}")
+
+
 def tiny_classifier(family: str, init: float | None = None):
     """``(model, tokenizer)``: a 3-label random classifier in eval mode (seeded)."""
     build_model, build_tokenizer = FAMILIES[family]
     tokenizer = build_tokenizer()
+    _check_init_functions(f"before building the tiny {family} model")
     torch.manual_seed(0)
     model = build_model(tokenizer, INIT.get(family, 0.2) if init is None else init).eval()
+    _check_init_functions(f"while building the tiny {family} model")
     return model, tokenizer
