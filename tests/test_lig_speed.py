@@ -188,7 +188,7 @@ def test_memory_budget_splits_passes_and_keeps_the_answer():
 
 # --- adaptive n_steps ---------------------------------------------------------------
 
-SCHEDULE = AdaptiveSteps(start=2, max=64, max_relative_delta=0.01)
+SCHEDULE = AdaptiveSteps(start=2, max=128, max_relative_delta=0.01)
 
 
 def spy_attribute(explainer):

@@ -85,12 +85,25 @@ def _wrap(tok: Tokenizer, specials: dict, cls: str, sep: str) -> PreTrainedToken
 @lru_cache(maxsize=None)
 def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
     """BERT-style: lowercasing normalizer, ``##`` continuation pieces."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=80, special_tokens=BERT_ORDER, show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
+    def pipeline(model):
+        tok = Tokenizer(model)
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        return tok
+
+    # Every letter seeded as a ``##`` piece (as a special token, for training only) makes the
+    # trainer deterministic; it otherwise breaks merge ties in hash order, so the pieces (not
+    # only their ids) changed from process to process (huggingface/tokenizers#1794), and with
+    # them what the tiny models computed. The same as demo/train_reviews.py.
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    trainer = trainers.WordPieceTrainer(vocab_size=80, special_tokens=BERT_ORDER + ["##" + c for c in letters],
+                                        initial_alphabet=list(letters), continuing_subword_prefix="##",
+                                        show_progress=False)
+    trained = pipeline(models.WordPiece(unk_token="[UNK]"))
+    trained.train_from_iterator(CORPUS, trainer)
+    tok = pipeline(models.WordPiece(trained.get_vocab(), unk_token="[UNK]"))
+    tok.add_special_tokens(BERT_ORDER)
     return _wrap(_canonical(tok, BERT_ORDER), BERT_SPECIALS, "[CLS]", "[SEP]")
 
 
