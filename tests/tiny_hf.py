@@ -219,8 +219,9 @@ def _check_init_functions(when: str) -> None:
 
     It swaps ``torch.nn.init``'s functions and ``PreTrainedModel.init_weights`` for no-ops,
     process-wide, while a ``from_pretrained`` runs, and restores what it saved; two loads in
-    two threads at once can restore the no-ops for good. A model built meanwhile keeps
-    uninitialised weights (seen once in a full run: four tests on tiny models failed)."""
+    two threads at once can restore the no-ops for good. A model built meanwhile would keep
+    uninitialised weights. (A guard only: the flaky tiny-model tests once blamed on this came
+    from the tokenizer vocabulary, see ``wordpiece_tokenizer``.)"""
     from transformers import PreTrainedModel
     from transformers.initialization import TORCH_INIT_FUNCTIONS
 
