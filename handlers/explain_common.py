@@ -130,6 +130,15 @@ class UnitResponses:
 KSERVE_ENVELOPES = ("KServeEnvelope", "KServev2Envelope")
 
 
+def loader_frames():
+    """The frames above the caller's caller, innermost first: during ``initialize``, they
+    reach TorchServe 0.12's ``TsModelLoader.load``, which holds the envelope and the Service."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
 def adopt_envelope(handler) -> None:
     """Make TorchServe's stock KServe envelope (``service_envelope=kserve`` or
     ``kservev2`` in config.properties) pass requests through unchanged.
@@ -140,8 +149,7 @@ def adopt_envelope(handler) -> None:
     0.12 builds the envelope around ``handler.handle`` in ``TsModelLoader.load``
     before it calls ``initialize``; the envelope is found there, on the stack.
     """
-    frame = sys._getframe(1)
-    while frame is not None:
+    for frame in loader_frames():
         envelope_instance = frame.f_locals.get("envelope_instance")
         wrapped = getattr(getattr(envelope_instance, "_handle_fn", None), "__self__", None)
         if wrapped is handler:
@@ -154,7 +162,6 @@ def adopt_envelope(handler) -> None:
                 handler.foreign_envelope = True  # it rewrites answers: none may bypass it (early answers)
                 logger.warning("service envelope %s wraps the handler; its format is not the handler's", name)
             return
-        frame = frame.f_back
 
 
 class SerializedSocket:
@@ -181,15 +188,13 @@ def serialize_worker_socket(context) -> bool:
     the stack and sets its socket after loading. Returns False when not found."""
     from ts.service import Service
 
-    frame = sys._getframe(1)
-    while frame is not None:
+    for frame in loader_frames():
         for value in list(frame.f_locals.values()):
             if isinstance(value, Service) and value.context is context:
                 plain = type(value).set_cl_socket
                 value.set_cl_socket = lambda sock, service=value: plain(
                     service, sock if isinstance(sock, SerializedSocket) else SerializedSocket(sock))
                 return True
-        frame = frame.f_back
     return False
 
 
@@ -524,10 +529,7 @@ class ExplainerFlow:
         socket = getattr(context, "cl_socket", None)
         if socket is None or str(os.getenv("LOCAL_RANK", "0")) != "0":
             return
-        ready, waiting = [], []
-        for idx, members in batch.row_units.items():
-            (ready if all(batch.answers[u] is not None for u in members) else waiting).append(idx)
-        ready += [idx for idx, body in enumerate(batch.final) if body is not None]  # rows already answered
+        ready, waiting = self._ready_rows(batch)
         carried_by_ready = self.explain_settings.early_answer_carrier == "ready"
         if not waiting or len(ready) < (2 if carried_by_ready else 1):
             return
@@ -564,16 +566,25 @@ class ExplainerFlow:
         batch.sent.update(ready)
         self.count("EarlyAnswers", batch.answered_early())
 
+    @staticmethod
+    def _ready_rows(batch: _Batch) -> tuple[list, list]:
+        """(rows whose answers are all written, rows with explanation work left), in row order;
+        the ready ones include rows answered already (a KServe request that failed to parse)."""
+        ready, waiting = [], []
+        for idx, members in batch.row_units.items():
+            (ready if all(batch.answers[u] is not None for u in members) else waiting).append(idx)
+        ready += [idx for idx, body in enumerate(batch.final) if body is not None]
+        return sorted(ready), waiting
+
     def _hand_over(self, batch: _Batch, lane) -> None:
         """With ``asyncCommunication``: answer every ready request of the batch now, then
         leave the prediction lane (the next batch starts) and wait for the explanation lane."""
         if not lane.in_prediction_lane:
             return
-        for idx, members in batch.row_units.items():
-            if batch.final[idx] is None and all(batch.answers[u] is not None for u in members):
-                batch.final[idx] = self._finish_row(idx)
-        ready = [idx for idx, body in enumerate(batch.final) if body is not None]
+        ready, _ = self._ready_rows(batch)
         for idx in ready:
+            if batch.final[idx] is None:
+                batch.final[idx] = self._finish_row(idx)
             self._deliver(lane, idx, batch.final[idx])
         batch.sent.update(ready)
         if ready:

@@ -22,15 +22,16 @@ from transformers import (
     DistilBertForSequenceClassification,
     ElectraConfig,
     ElectraForSequenceClassification,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     RobertaConfig,
     RobertaForSequenceClassification,
     XLMRobertaConfig,
     XLMRobertaForSequenceClassification,
 )
-from transformers import PreTrainedModel as _PreTrainedModel
+from transformers.initialization import TORCH_INIT_FUNCTIONS
 
-_GENUINE_INIT_WEIGHTS = _PreTrainedModel.init_weights  # as imported, before any load could patch it
+_GENUINE_INIT_WEIGHTS = PreTrainedModel.init_weights  # as imported, before any load could patch it
 
 CORPUS = [
     "the movie was good and the plot was believable",
@@ -222,9 +223,6 @@ def _check_init_functions(when: str) -> None:
     two threads at once can restore the no-ops for good. A model built meanwhile would keep
     uninitialised weights. (A guard only: the flaky tiny-model tests once blamed on this came
     from the tokenizer vocabulary, see ``wordpiece_tokenizer``.)"""
-    from transformers import PreTrainedModel
-    from transformers.initialization import TORCH_INIT_FUNCTIONS
-
     patched = [name for name, genuine in TORCH_INIT_FUNCTIONS.items() if getattr(torch.nn.init, name) is not genuine]
     if PreTrainedModel.init_weights is not _GENUINE_INIT_WEIGHTS:
         patched.append("PreTrainedModel.init_weights")

@@ -76,6 +76,7 @@ class Batch:
         self.first_arrival = min(p.arrived for p in pending)
         self._in_prediction_lane = True
         self._holds_explanation_lane = False
+        self.explanation_lane_wait_s = 0.0  # how long leave_prediction_lane waited for the explanation lane
 
     def deliver(self, index: int, answer: Any) -> None:
         """Answer item ``index`` now (once; later calls for it are ignored)."""
@@ -107,10 +108,8 @@ class Batch:
             self._holds_explanation_lane = True
             self.explanation_lane_wait_s = time.perf_counter() - began
 
-    explanation_lane_wait_s = 0.0
-
     def _close(self, error: Optional[BaseException]) -> None:
-        for index, pending in enumerate(self._pending):
+        for pending in self._pending:
             if not pending.future.done():
                 try:
                     pending.future.set_exception(
@@ -170,14 +169,14 @@ class MicroBatcher:
                 raise Overloaded(f"{self._in_worker} requests are already in this worker (at most {self.max_pending})")
             self._in_worker += 1
             # answered, failed or cancelled: its place is free again (once, whichever comes first)
-            pending.future.add_done_callback(lambda _: self._answered(1))
+            pending.future.add_done_callback(self._answered)
             self._queue.append(pending)
             self._condition.notify_all()
         return pending.future
 
-    def _answered(self, count: int) -> None:
+    def _answered(self, _future: Future) -> None:
         with self._condition:
-            self._in_worker -= count
+            self._in_worker -= 1
 
     def _free_prediction_lane(self) -> None:
         with self._condition:
