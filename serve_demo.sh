@@ -9,7 +9,7 @@ python -m demo.train_reviews --out build/demo/reviews
 python -m demo.make_examples --out build/examples
 torchserve --stop >/dev/null 2>&1 || true
 torchserve --start --ncs --ts-config config.properties >build/torchserve.out 2>&1
-python -m tsexplain.launcher wait --models shapes,reviews --timeout 300
+python -m tsexplain.tools.launcher wait --models shapes,reviews --timeout 300
 KEY=$(python -c "import json; print(json.load(open('key_file.json'))['inference']['key'])")
 cat <<MSG
 

@@ -38,8 +38,8 @@ from captum.attr import LayerIntegratedGradients  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from demo.train_reviews import train_tokenizer  # noqa: E402
-from tsexplain.synthetic import reviews  # noqa: E402
-from tsexplain.text_attribution import AdaptiveSteps, LayerIGTextExplainer  # noqa: E402
+from tsexplain.tools.synthetic import reviews  # noqa: E402
+from tsexplain.attr.text.lig import AdaptiveSteps, LayerIGTextExplainer  # noqa: E402
 
 BOUND = 0.05
 

@@ -4,9 +4,8 @@ Every model is staged as unzipped model directories (``torch-model-archiver
 --archive-format no-archive``) in one model store, in five variants on the same
 weights: ``<name>`` and ``<name>_stock`` with ``batchSize: 1`` (sequential
 latency at batch 1), ``<name>_b8`` and ``<name>_stock_b8`` with batching
-(concurrent load), and ``<name>_b8_late``, ours with batching and early answers
-turned off by its environment override (``Model.env``), for the under-load
-comparison. Weights are made here with a fixed seed (ResNet-50 and BERT-base
+(concurrent load), and ``<name>_async``, ours with ``asyncCommunication`` (the worker
+batches itself and explains in a lane of its own), for the under-load comparison. Weights are made here with a fixed seed (ResNet-50 and BERT-base
 random, the demo models trained) so nothing is downloaded.
 """
 from __future__ import annotations
@@ -28,7 +27,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 import build_mar  # noqa: E402
-from tsexplain.settings import env_names  # noqa: E402
 
 EXPLAIN_TOKEN_ENV = "TSEXPLAIN_BENCH_TOKEN"
 # Priority traffic with a token (#4's setting); the explanation cache off, so that every explanation
@@ -55,24 +53,13 @@ class Model:
     tokens: int | None = None  # text length in tokens, specials included
 
     @property
-    def late(self) -> str:
-        """Our batching variant with early answers off (``explain.early_answers: false``)."""
-        return f"{self.name}_b8_late"
-
-    @property
     def concurrent(self) -> str:
         """Our variant with ``asyncCommunication``: explanations in a lane of their own."""
         return f"{self.name}_async"
 
     def variants(self) -> dict[str, str]:
-        names = [self.name, f"{self.name}_stock", f"{self.name}_b8", f"{self.name}_stock_b8", self.late,
-                 self.concurrent]
+        names = [self.name, f"{self.name}_stock", f"{self.name}_b8", f"{self.name}_stock_b8", self.concurrent]
         return {n: n for n in names}
-
-    def env(self) -> dict[str, str]:
-        """The TorchServe environment that turns early answers off for ``late`` only
-        (``TSEXPLAIN_<MODEL>_EARLY_ANSWERS``, the documented per-model override)."""
-        return {env_names(self.late, "early_answers")[0]: "false"}
 
     def body(self, i: int, stock: bool, explain: bool) -> tuple[bytes, str]:
         """Request body and content type of input ``i`` for one handler."""
@@ -125,8 +112,7 @@ def stage_pair(name: str, export: Path, ours: dict, stock: dict) -> None:
         base = {**WORKERS, **spec.pop("config")}
         model_dir = archive(model_name, config={**base, **SINGLE}, export=export, **spec)
         batched_copy(model_dir, {**base, **BATCHED})
-        if model_name == name:  # ours again, served with early answers off (Model.env), and concurrently
-            batched_copy(model_dir, {**base, **BATCHED}, "_b8_late")
+        if model_name == name:  # ours again, served concurrently
             explain = {**base.get("explain", {}), "async_batch_size": BATCHED["batchSize"],
                        "async_max_batch_delay_ms": BATCHED["maxBatchDelay"]}
             batched_copy(model_dir, {**base, **ASYNC, "explain": explain}, "_async")
@@ -179,7 +165,7 @@ def stage_text(name: str, export: Path, hf_dir: Path, max_length: int) -> None:
 
 
 def image_inputs(n: int, size: int, fmt: str) -> list[bytes]:
-    from tsexplain.synthetic import shapes
+    from tsexplain.tools.synthetic import shapes
 
     out = []
     for sample in shapes.generate(n, 4242, size):
@@ -192,7 +178,7 @@ def image_inputs(n: int, size: int, fmt: str) -> list[bytes]:
 def text_inputs(n: int, tokenizer, tokens: int, seed: int = 4242) -> list[str]:
     """``n`` synthetic reviews of exactly ``tokens`` tokens with [CLS] and [SEP] (so that the
     stock handler, which pads to max_length, and ours, which pads to the longest, do the same work)."""
-    from tsexplain.synthetic import reviews
+    from tsexplain.tools.synthetic import reviews
 
     words = " ".join(s.text for s in reviews.generate(40 * n + 40, seed)).split()
     out, start = [], 0
@@ -251,7 +237,7 @@ def bert_base(export: Path, n_inputs: int, tokens: int = 128) -> Model:
     from transformers import BertConfig, BertForSequenceClassification
 
     from demo.train_reviews import train_tokenizer
-    from tsexplain.synthetic import reviews
+    from tsexplain.tools.synthetic import reviews
 
     hf_dir = build_mar.BUILD / "bench-bert-base" / "hf"
     shutil.rmtree(hf_dir, ignore_errors=True)

@@ -81,7 +81,7 @@ def markdown(results: dict) -> str:
                      ["model", "threads", "n", "p50", "p99", "n (mixed)", "explained", "p50 (mixed)", "p99 (mixed)",
                       "p99 ratio", "labels differ", "max prob. diff (mixed)", "max prob. diff (prediction-only)",
                       "unchanged"], rows))
-    parts += _early_answers(models)
+    parts += _under_load(models)
     return "".join(parts)
 
 
@@ -94,45 +94,41 @@ def _early(phase: dict) -> str:
             + ("" if b.get("complete", True) else ", log incomplete"))
 
 
-def _early_answers(models: dict) -> list[str]:
-    """The tables of early answers on against off (results without them: none)."""
-    loads = {n: m["under_load"] for n, m in models.items() if "with_explanations_off" in m["under_load"]}
+def _under_load(models: dict) -> list[str]:
+    """The tables of /predictions under load: prediction-only, 10% explained served synchronously,
+    and 10% explained with asyncCommunication."""
+    loads = {n: m["under_load"] for n, m in models.items() if "with_explanations_async" in m["under_load"]}
     if not loads:
         return []
-    header = ["model", "n", "p50", "p99", "early: p50", "p99", "p99 ratio", "answered early", "expl. work p50",
-              "unchanged", "no early: p50", "p99", "p99 ratio", "answered early", "expl. work p50", "unchanged",
-              "async: p50", "p99", "p99 ratio", "expl. work p50", "unchanged"]
+    header = ["model", "n", "p50", "p99", "sync: p50", "p99", "p99 ratio", "expl. work p50", "unchanged",
+              "async: p50", "p99", "p99 ratio", "answered early", "expl. work p50", "unchanged"]
 
     def row(name, u):
-        base, on, off = u["predictions_only"], u["with_explanations"], u["with_explanations_off"]
-        concurrent = u.get("with_explanations_async")
+        base, sync, lanes = u["predictions_only"], u["with_explanations"], u["with_explanations_async"]
+
         def work(phase):
             return phase.get("explanation_work_ms", {}).get("p50")
 
-        counts = [base["n"], on["n"], off["n"]] + ([concurrent["n"]] if concurrent else [])
-        cells = [name, " / ".join(f"{n:,}" for n in counts), base["p50_ms"], base["p99_ms"],
-                 on["p50_ms"], on["p99_ms"], u["ratio_p99"], _early(on), work(on), u["answers_unchanged"],
-                 off["p50_ms"], off["p99_ms"], u["ratio_p99_off"], _early(off), work(off), u["answers_unchanged_off"]]
-        if concurrent is None:  # results from before the concurrent variant
-            return cells + ["-"] * 5
-        return cells + [concurrent["p50_ms"], concurrent["p99_ms"], u["ratio_p99_async"], work(concurrent),
-                        u["answers_unchanged_async"]]
+        counts = [base["n"], sync["n"], lanes["n"]]
+        return [name, " / ".join(f"{n:,}" for n in counts), base["p50_ms"], base["p99_ms"],
+                sync["p50_ms"], sync["p99_ms"], u["ratio_p99"], work(sync), u["answers_unchanged"],
+                lanes["p50_ms"], lanes["p99_ms"], u["ratio_p99_async"], _early(lanes), work(lanes),
+                u["answers_unchanged_async"]]
 
-    parts = ["\n**/predictions under load, early answers on and off, concurrent, closed loop** (ours; "
-             "prediction-only, then 10% explained with `early_answers` on and off, and with `asyncCommunication` "
-             "(async: the worker batches itself and explains in a lane of its own); n: /predictions answers in each; answered early: "
-             "rows answered before their batch's explanation work, of the rows not explained in batches that "
-             "held an explanation; expl. work: the handler's own time per explanation, from its log; latency in ms)\n\n"
+    parts = ["\n**/predictions under load, closed loop** (ours; prediction-only, then 10% explained served "
+             "synchronously and with `asyncCommunication` (async: the worker batches itself and explains in a lane of "
+             "its own); n: /predictions answers in each; answered early: rows answered before their batch's "
+             "explanation work, of the rows not explained in batches that held an explanation; expl. work: the "
+             "handler's own time per explanation, from its log; latency in ms)\n\n"
              + _table(header, [[f"{n} ({u['threads']} threads)"] + row(n, u)[1:] for n, u in loads.items()])]
     opened = {n: u["open_loop"] for n, u in loads.items() if "open_loop" in u}
     if opened:
         rows = []
         for n, o in opened.items():
             late = sum(o[p].get("sent_late_over_10ms", 0) for p in ("predictions_only", "with_explanations",
-                                                                    "with_explanations_off", "with_explanations_async")
-                       if p in o)
+                                                                    "with_explanations_async") if p in o)
             rows.append([f"{n} ({o['rate_rps']:g} req/s)"] + row(n, o)[1:] + [late])
-        parts.append("\n**/predictions under load, early answers on and off, concurrent, open loop** (the same phases with "
+        parts.append("\n**/predictions under load, open loop** (the same phases with "
                      "requests sent at a fixed Poisson rate from a pool of threads, latency from the scheduled send; "
                      "rate: a share of the closed-loop explained phases' throughput; sent late: requests sent over "
                      "10 ms after their time, all phases)\n\n" + _table(header + ["sent late"], rows))
@@ -178,15 +174,13 @@ def chart(results: dict, path: Path) -> None:
 
 
 def _load_panel(ax, models: dict, names: list) -> None:
-    """/predictions p99 under load: prediction-only, 10% explained with early answers on, off,
-    and with asyncCommunication; closed loop, and open loop where measured."""
+    """/predictions p99 under load: prediction-only, 10% explained served synchronously and with
+    asyncCommunication; closed loop, and open loop where measured."""
     series = [("closed", "predictions_only", "prediction-only", "#bdbdbd"),
               ("closed", "with_explanations", "10% explained", "#31a354"),
-              ("closed", "with_explanations_off", "10% explained, no early answers", "#a1d99b"),
               ("closed", "with_explanations_async", "10% explained, asyncCommunication", "#fd8d3c"),
               ("open", "predictions_only", "open loop: prediction-only", "#969696"),
               ("open", "with_explanations", "open loop: 10% explained", "#756bb1"),
-              ("open", "with_explanations_off", "open loop: 10% explained, no early answers", "#bcbddc"),
               ("open", "with_explanations_async", "open loop: 10% explained, asyncCommunication", "#fdd0a2")]
 
     def value(name, loop, phase):

@@ -10,12 +10,10 @@ wall-time limit:
 - ``throughput``: several client threads sending /predictions to the batching variants, stock and
   ours in ABBA order: requests per second;
 - ``under_load``: our batching variant, prediction-only against 10% of the requests explained
-  (priority header and explanation token; ``policy: priority``), the explained phase twice: with
-  early answers on (``<name>_b8``, the default) and off (``<name>_b8_late``, the same files served
-  with ``TSEXPLAIN_<NAME>_B8_LATE_EARLY_ANSWERS=false``), and once more on ``<name>_async``
-  (``asyncCommunication: true``: the worker batches itself and explains in a lane of its own),
-  phases in ABCDDCBA order (run ``load_rounds`` times, so that background load falls on all four
-  alike). First closed-loop
+  (priority header and explanation token; ``policy: priority``), the explained phase twice: served
+  synchronously (``<name>_b8``, the default) and on ``<name>_async`` (``asyncCommunication: true``:
+  the worker batches itself and explains in a lane of its own), phases in ABCCBA order (run
+  ``load_rounds`` times, so that background load falls on all three alike). First closed-loop
   (several client threads, each sending its next request when answered), then open-loop (requests
   sent at a fixed Poisson rate, the same arrival times in every phase, from a pool of threads;
   latency counted from the scheduled send time): the rate is ``OPEN_LOOP_SHARE`` of the slower
@@ -51,7 +49,7 @@ from pathlib import Path
 
 from benchmarks import models as bench_models
 from benchmarks import report
-from tsexplain.launcher import TorchServe
+from tsexplain.tools.launcher import TorchServe
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPLAIN_TOKEN = "bench-explain-token"
@@ -308,9 +306,9 @@ def open_loop(job, rate: float, threads: int, budget: Budget, seed: int = 0) -> 
     return results, time.perf_counter() - start
 
 
-# with_explanations_off: early answers off; with_explanations_async: the asyncCommunication variant
-PHASES = ("predictions_only", "with_explanations", "with_explanations_off", "with_explanations_async")
-PHASE_ORDER = PHASES + PHASES[::-1]  # ABCDDCBA, each phase in two slices (per round)
+# with_explanations: served synchronously; with_explanations_async: the asyncCommunication variant
+PHASES = ("predictions_only", "with_explanations", "with_explanations_async")
+PHASE_ORDER = PHASES + PHASES[::-1]  # ABCCBA, each phase in two slices (per round)
 
 
 def _load_phases(client: Client, variants: dict, references: dict, run_slice, log: BatchLog, rounds: int) -> dict:
@@ -373,8 +371,7 @@ def _summarise_phases(records: dict, timed_sends: bool = False) -> dict:
     noise = out["predictions_only"]["max_probability_difference"]
     out["tolerance"] = tolerance = max(2 * noise, 1e-6)
     base = out["predictions_only"]
-    for phase, suffix in (("with_explanations", ""), ("with_explanations_off", "_off"),
-                          ("with_explanations_async", "_async")):
+    for phase, suffix in (("with_explanations", ""), ("with_explanations_async", "_async")):
         mixed = out[phase]
         out["answers_unchanged" + suffix] = (mixed["labels_differ"] == 0 and base["labels_differ"] == 0
                                              and mixed["max_probability_difference"] <= tolerance
@@ -385,19 +382,17 @@ def _summarise_phases(records: dict, timed_sends: bool = False) -> dict:
 
 
 def under_load(client: Client, plan: Plan) -> dict:
-    """/predictions under prediction-only load and with 10% of the requests explained (ours), early
-    answers on and off, and concurrent (asyncCommunication); closed-loop, then open-loop."""
-    on, off, lanes = f"{client.model.name}_b8", client.model.late, client.model.concurrent
-    variants = {"predictions_only": on, "with_explanations": on, "with_explanations_off": off,
-                "with_explanations_async": lanes}
+    """/predictions under prediction-only load and with 10% of the requests explained (ours), served
+    synchronously and concurrently (asyncCommunication); closed-loop, then open-loop."""
+    on, lanes = f"{client.model.name}_b8", client.model.concurrent
+    variants = {"predictions_only": on, "with_explanations": on, "with_explanations_async": lanes}
     references = {}
     for i in range(len(client.model.inputs)):  # each input alone (a batch of one)
         status, body, _ = client.call(on, "predictions", i, False)
         references[i] = json.loads(body)
     for i in range(plan.warmup):  # these workers have served nothing yet
-        client.call(off, "predictions", i, False)
         client.call(lanes, "predictions", i, False)
-    for variant in (on, off, lanes):
+    for variant in (on, lanes):
         client.call(variant, "explanations", 0, False)
     rounds = plan.load_rounds
     log, part = BatchLog(client.ts), Budget(max(1, plan.load.requests // (2 * rounds)), plan.load.seconds / rounds)
@@ -409,7 +404,7 @@ def under_load(client: Client, plan: Plan) -> dict:
     out = _summarise_phases(_load_phases(client, variants, references, closed_slice, log, rounds))
     out["threads"], out["rounds"] = plan.threads, rounds
 
-    mixed_rps = min(out["with_explanations"]["rps"], out["with_explanations_off"]["rps"])
+    mixed_rps = min(out["with_explanations"]["rps"], out["with_explanations_async"]["rps"])
     rate = round(OPEN_LOOP_SHARE * mixed_rps, 2)
     if rate > 0:
         def open_slice(job):
@@ -490,7 +485,7 @@ def run_model(name: str, profile: str, work: Path, warmup: int | None = None) ->
     properties = {"max_response_size": str(64 << 20), "max_request_size": str(64 << 20),
                   "default_response_timeout": "600"}
     began = time.perf_counter()
-    with TorchServe(store, model.variants(), work / f"ts-{name}", properties=properties, env=env | model.env()) as ts:
+    with TorchServe(store, model.variants(), work / f"ts-{name}", properties=properties, env=env) as ts:
         print(f"[bench] {name}: TorchServe ready in {time.perf_counter() - began:.0f}s", flush=True)
         client = Client(ts, model)
         result = {"description": model.description, "kind": model.kind, "plan": plan.__dict__ | {

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from tsexplain.launcher import TorchServe  # noqa: E402
+from tsexplain.tools.launcher import TorchServe  # noqa: E402
 
 MODELS = {"shapes": "shapes.mar", "reviews": "reviews.mar", "faulty": "shapes.mar"}
 LOCUSTFILE = Path(__file__).resolve().parent / "soak_locustfile.py"
@@ -54,7 +54,7 @@ def write_payloads(folder: Path) -> Path:
     """A held-out shapes image and a synthetic review for the load."""
     import io
 
-    from tsexplain.synthetic import reviews, shapes
+    from tsexplain.tools.synthetic import reviews, shapes
 
     folder.mkdir(parents=True, exist_ok=True)
     size = json.loads((ROOT / "build/demo/shapes/training.json").read_text())["image_size"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tsexplain.synthetic import reviews, shapes
+from tsexplain.tools.synthetic import reviews, shapes
 
 
 def main(argv=None):

@@ -29,8 +29,8 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from tsexplain.synthetic import reviews
-from tsexplain.synthetic.reviews import (
+from tsexplain.tools.synthetic import reviews
+from tsexplain.tools.synthetic.reviews import (
     LABELS, ReviewSample, flip_negation, generate, generate_neutral)
 
 HPARAMS = {

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from tsexplain.synthetic import shapes
-from tsexplain.synthetic.shapes import SHAPE_CLASSES, ShapeSample
+from tsexplain.tools.synthetic import shapes
+from tsexplain.tools.synthetic.shapes import SHAPE_CLASSES, ShapeSample
 
 CONFIG = {
     "architecture": "resnet18",

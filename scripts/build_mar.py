@@ -1,8 +1,9 @@
 """Build self-contained MARs with torch-model-archiver (see build_mar.sh --help).
 
-Each MAR holds the handler, ``explain_common.py``, the whole ``tsexplain``
-package, the labels and a model config YAML with the explanation settings, so
-it serves on a machine without this repository.
+Each MAR holds the handler, ``ts_glue.py``, the serving code of the ``tsexplain``
+package (``tsexplain/attr`` and ``tsexplain/serving``; the tools stay out), the
+labels and a model config YAML with the explanation settings, so it serves on a
+machine without this repository.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "mar"
+SERVING_PACKAGES = ("attr", "serving")  # what a worker imports from tsexplain; tools/ stays out of MARs
 SERVING_DEFAULTS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 10, "responseTimeout": 120}
 
 
@@ -35,8 +37,12 @@ def stage(name: str, files: dict[str, Path], config: dict) -> tuple[Path, Path]:
     shutil.rmtree(stage_dir, ignore_errors=True)
     extra = stage_dir / "extra"
     extra.mkdir(parents=True)
-    shutil.copytree(ROOT / "tsexplain", extra / "tsexplain", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy2(ROOT / "handlers" / "explain_common.py", extra)
+    package = extra / "tsexplain"
+    package.mkdir()
+    shutil.copy2(ROOT / "tsexplain" / "__init__.py", package)
+    for name in SERVING_PACKAGES:
+        shutil.copytree(ROOT / "tsexplain" / name, package / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(ROOT / "handlers" / "ts_glue.py", extra)
     for target, source in files.items():
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, extra / target)
     config_path = stage_dir / "model-config.yaml"
@@ -96,8 +102,8 @@ def build_image(args) -> Path:
 def check_weights(architecture: str, num_classes: int, weights: Path) -> None:
     """Fail at build time, not on the server, when the weights don't fit."""
     sys.path.insert(0, str(ROOT))
-    from tsexplain.errors import ConfigError
-    from tsexplain.models import build_torchvision_classifier
+    from tsexplain.serving.errors import ConfigError
+    from tsexplain.serving.models import build_torchvision_classifier
 
     try:
         build_torchvision_classifier(architecture, num_classes, str(weights))

@@ -5,6 +5,7 @@ import importlib
 import io
 import json
 import re
+import struct
 import sys
 import zipfile
 from pathlib import Path
@@ -110,3 +111,35 @@ def has_internals(body) -> bool:
     if isinstance(body, bytes):
         body = body.decode(errors="replace")
     return "Traceback" in body or re.search(r"\.py\b|site-packages|/(usr|home|tmp|work|opt|root|var)/", body) is not None
+
+
+def read_exactly(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "socket closed mid-message"
+        data += chunk
+    return data
+
+
+def decode_message(sock) -> tuple[int, dict]:
+    """One predict response on TorchServe's worker socket, as the 0.12 frontend reads it
+    (ModelResponseDecoder): (code, {request id: {content_type, status, phrase, headers, body}})."""
+
+    def integer():
+        return struct.unpack("!i", read_exactly(sock, 4))[0]
+
+    def text():
+        return read_exactly(sock, integer()).decode()
+
+    code, _message = integer(), text()
+    out = {}
+    while True:
+        length = integer()
+        if length == -1:
+            return code, out
+        request_id = read_exactly(sock, length).decode()
+        entry = {"content_type": text(), "status": integer(), "phrase": text()}
+        entry["headers"] = dict((text(), text()) for _ in range(integer()))
+        entry["body"] = read_exactly(sock, integer())
+        out[request_id] = entry

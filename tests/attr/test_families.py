@@ -1,0 +1,108 @@
+"""Every listed image family, from random weights at a small input size: the target
+layer is found automatically, every method runs, and Grad-CAM equals the plain
+reference computation (a fresh copy, a forward hook and ``loss.backward()``).
+
+Heavy families use a tiny configuration of the same torchvision class (the layer
+and layout are found by class); the README's family × method table lists these.
+"""
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from cam_reference import reference_maps, swin_reshape, vit_reshape
+from tsexplain.attr.cam import CAM_METHODS, GradCAM
+from tsexplain.attr.image_ig import ImageIG
+from tsexplain.attr.layers import feature_map_shape, find_layout, find_target_layer, get_layer, grid_reshape
+
+
+def tiny_vit():
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=5)
+    nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts the head at zero
+    return model
+
+
+def tiny_swin():
+    return torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                              window_size=[2, 2], num_classes=5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are small: one thread avoids oversubscription on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# family: (builder, input size, expected layer, layout)
+FAMILIES = {
+    "resnet": (lambda: torchvision.models.resnet18(num_classes=5), 64, "layer4", "nchw"),
+    "resnext": (lambda: ResNet(Bottleneck, [1, 1, 1, 1], groups=32, width_per_group=4, num_classes=5), 64, "layer4", "nchw"),
+    "wide_resnet": (lambda: ResNet(Bottleneck, [1, 1, 1, 1], width_per_group=128, num_classes=5), 64, "layer4", "nchw"),
+    "densenet": (lambda: torchvision.models.densenet121(num_classes=5), 64, "features", "nchw"),
+    "vgg": (lambda: torchvision.models.vgg11(num_classes=5), 64, "features", "nchw"),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=5), 64, "features", "nchw"),
+    "mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(num_classes=5), 64, "features", "nchw"),
+    "efficientnet": (lambda: torchvision.models.efficientnet_b0(num_classes=5), 64, "features", "nchw"),
+    "regnet": (lambda: torchvision.models.regnet_y_400mf(num_classes=5), 64, "trunk_output", "nchw"),
+    "convnext": (lambda: torchvision.models.convnext_tiny(num_classes=5), 64, "features", "nchw"),
+    "vit": (tiny_vit, 32, "encoder.layers.encoder_layer_1.ln_1", "tokens"),
+    "swin": (tiny_swin, 32, "features", "nhwc"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_layer_methods_and_gradcam_parity(family):
+    build, size, expected_layer, expected_layout = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    inputs = torch.randn(2, 3, size, size)
+    name = find_target_layer(model, inputs[:1])
+    layout = find_layout(model)
+    assert (name, layout) == (expected_layer, expected_layout)
+    layer = get_layer(model, name)
+    shape = feature_map_shape(model, layer, inputs[:1], grid_reshape(layout))
+    grid = shape[2:]
+    assert len(shape) == 4 and grid[0] * grid[1] > 1
+
+    # Grad-CAM equals the plain reference, with pytorch-grad-cam's reshapes for transformers.
+    reshape = {"tokens": lambda t: vit_reshape(t, *grid), "nhwc": swin_reshape}.get(layout)
+    out = GradCAM(model, layer, layout).attribute(inputs, [1, 3])
+    logits, raw, maps = reference_maps("gradcam", model, name, inputs, [1, 3], reshape=reshape)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-4)
+    for row in range(2):  # per row: min-max normalisation magnifies float noise by scale / span
+        scale = raw[row].abs().max()
+        span = raw[row].clamp(min=0).max() - raw[row].clamp(min=0).min()
+        assert scale > 0
+        torch.testing.assert_close(out.raw[row] / scale, raw[row] / scale, rtol=1e-3, atol=1e-4)
+        if span > 1e-3 * scale:
+            torch.testing.assert_close(out.heatmaps[row], maps[row], rtol=1e-3, atol=float(1e-4 * scale / span))
+
+    # The other methods run and give maps on the same grid.
+    mixed = GradCAM(model, layer, layout).attribute(inputs, [0, 2], contrast=[4, None], methods=list(CAM_METHODS[1:]))
+    assert mixed.heatmaps.shape == (2, *grid)
+    assert torch.isfinite(mixed.heatmaps).all() and mixed.heatmaps.min() >= 0 and mixed.heatmaps.max() <= 1
+    layer_ig = ImageIG(model, layer, layout).attribute(inputs[:1], [1], contrast=[0], n_steps=3, internal_batch_size=2)
+    assert layer_ig.maps.shape == (1, *grid) and torch.isfinite(layer_ig.maps).all()
+    input_ig = ImageIG(model).attribute(inputs[:1], [3], n_steps=3, internal_batch_size=2)
+    assert input_ig.maps.shape == (1, size, size) and torch.isfinite(input_ig.delta).all()
+    # Completeness holds for input IG whatever the architecture: sum = gap + delta.
+    torch.testing.assert_close(input_ig.maps.sum(dim=(1, 2)), input_ig.gap + input_ig.delta, rtol=1e-3, atol=1e-4)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("architecture,layer", [
+    ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1"),
+    ("swin_t", "features"),
+    ("resnext50_32x4d", "layer4"),
+    ("wide_resnet50_2", "layer4"),
+    ("mobilenet_v3_large", "features"),
+])
+def test_full_size_builders_resolve_to_the_same_layers(architecture, layer):
+    """The real builders (no forward pass) name the layers the tiny configurations use."""
+    model = torchvision.models.get_model(architecture, weights=None)
+    assert find_target_layer(model) == layer

@@ -1,0 +1,169 @@
+"""Image classifiers: decode and preprocess, predict with the CAM maps fused into the
+same forward, explain with Integrated Gradients, render heatmaps and overlays."""
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ...attr.cam import GradCAM
+from ...attr.image_ig import ImageIG, sum_pool
+from ...attr.layers import feature_map_shape, find_layout, find_target_layer, get_layer, grid_reshape
+from ...attr.names import CAM_METHODS
+from ..errors import ConfigError
+from ..images import decode_image, render_overlay, resize_map
+from ..schema import IMAGE
+from ..settings import ModelSettings
+from .base import Item, Runner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageInput:
+    """A request's image: as decoded, after resize and crop, and as the model's tensor."""
+
+    original: Image.Image  # decoded, EXIF rotation applied
+    cropped: Image.Image  # what the model sees
+    tensor: Optional[torch.Tensor] = None  # [C, H, W] normalised, once the batch is made
+    data: bytes = b""  # the bytes it came from (the cache key's)
+
+
+class ImageRunner(Runner):
+    """The image steps of the flow for a classifier returning ``[N, K]`` logits.
+
+    Args:
+        model: the model predictions run on (the worker's).
+        explained_model: the model explanations run on: ``model`` itself, or with
+            concurrent explanations a copy sharing its weights.
+        mapping: ``{"0": "label", ...}`` (the MAR's index_to_name.json); classes it does not
+            name are labelled by their index.
+        settings: the model's settings.
+        device: where the model is.
+
+    Raises:
+        ConfigError: no usable target layer, or one whose output is not a spatial map.
+    """
+
+    modality = IMAGE
+    fused_methods = frozenset(CAM_METHODS)
+    explanation_fields = ("n_steps", "outputs", "heatmap_size")
+
+    def __init__(self, model: torch.nn.Module, explained_model: torch.nn.Module, mapping: Optional[dict],
+                 settings: ModelSettings, device: torch.device):
+        self.model = model
+        self.settings = settings
+        self.device = device
+        handler, explain = settings.handler, settings.explain
+        self.preprocessing = handler.preprocessing()
+        width, height = self.preprocessing.input_size(1024, 1024)
+        example = torch.zeros(1, 3, height, width, device=device)
+        with torch.inference_mode():
+            num_classes = model(example).shape[1]
+        self.labels = [(mapping or {}).get(str(i), str(i)) for i in range(num_classes)]
+        try:
+            self.layer_name = explain.target_layer or find_target_layer(model, example)
+            layer = get_layer(explained_model, self.layer_name)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (set explain.target_layer)") from None
+        layout = find_layout(explained_model) if explain.feature_layout == "auto" else explain.feature_layout
+        try:
+            shape = feature_map_shape(explained_model, layer, example, grid_reshape(layout))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"target layer {self.layer_name!r} (feature_layout {layout}): {exc}") from None
+        if len(shape) != 4:
+            raise ConfigError(f"target layer {self.layer_name!r} outputs shape {shape}, not [N, C, h, w]")
+        self.feature_size = (shape[2], shape[3])
+        self.gradcam = GradCAM(explained_model, layer, layout)
+        self.integrated = {"layer_ig": ImageIG(explained_model, layer, layout),
+                           "integrated_gradients": ImageIG(explained_model)}
+        logger.info("explanations on %s (%s): %dx%d cells for %dx%d input; methods %s", self.layer_name, layout,
+                    shape[2], shape[3], height, width, ",".join(explain.methods))
+
+    def prepare(self, item: Item) -> None:
+        image = decode_image(item.request.data, self.settings.handler.max_image_pixels)
+        item.inputs = ImageInput(image, self.preprocessing.geometry(image), data=item.request.data)
+
+    def cache_input(self, item: Item) -> bytes:
+        return item.inputs.data
+
+    def prediction_top_k(self, item: Item) -> int:
+        return min(item.options["top_k"], len(self.labels))
+
+    def forward(self, items: list[Item], fused: list[Item]) -> torch.Tensor:
+        tensors = self.preprocessing.tensors([item.inputs.cropped for item in items])  # one conversion for the batch
+        for item, tensor in zip(items, tensors):
+            item.inputs.tensor = tensor
+        batch = tensors.to(self.device)
+        if fused:  # one forward pass for the predictions and every CAM map of the batch
+            position = {id(item): k for k, item in enumerate(items)}
+            out = self.gradcam.attribute(batch, [i.target for i in fused], [position[id(i)] for i in fused],
+                                         [i.contrast for i in fused], [i.method for i in fused])
+            for item, heatmap, target in zip(fused, out.heatmaps, out.targets):
+                item.result, item.explained_class = {"heatmap": heatmap}, target
+            logits = out.logits
+        else:
+            with torch.inference_mode():
+                logits = self.model(batch)
+        return F.softmax(logits.float(), dim=1).cpu()
+
+    def group_key(self, item: Item):
+        # CAM maps (concurrent mode, or a stale cache hit) share one pass; IG one per method and step count
+        return ("cam",) if item.method in CAM_METHODS else (item.method, item.options["n_steps"])
+
+    def explain(self, items: list[Item]) -> list:
+        batch = torch.stack([item.inputs.tensor for item in items]).to(self.device)
+        targets = [item.explained_class for item in items]
+        contrasts = [item.contrast for item in items]
+        method = items[0].method
+        if method in CAM_METHODS:
+            out = self.gradcam.attribute(batch, targets, None, contrasts, [item.method for item in items])
+            return [{"heatmap": heatmap} for heatmap in out.heatmaps]
+        explain = self.settings.explain
+        out = self.integrated[method].attribute(
+            batch, targets, contrasts, n_steps=items[0].options["n_steps"],
+            internal_batch_size=explain.internal_batch_size, num_classes=len(self.labels),
+            method=explain.integration_method)
+        return [{"attribution": out.maps[k], "delta": float(out.delta[k]), "gap": float(out.gap[k])}
+                for k in range(len(items))]
+
+    def render(self, item: Item) -> dict:
+        settings, options, result = self.settings.explain, item.options, item.result
+        target = item.explained_class
+        explanation = {"method": item.method, "target": {"index": target, "label": self.labels[target]}}
+        explanation["contrast"] = (None if item.contrast is None
+                                   else {"index": item.contrast, "label": self.labels[item.contrast]})
+        explanation["layer"] = "input" if item.method == "integrated_gradients" else self.layer_name
+        input_size = tuple(item.inputs.tensor.shape[1:])
+        extra = {}
+        if item.method in CAM_METHODS:
+            heatmap = result["heatmap"].detach().cpu()
+            values = resize_map(heatmap, *input_size) if options["heatmap_size"] == "input" else heatmap
+        else:
+            # Signed attributions: values in [-1, 1], times `scale` gives logit units per cell.
+            attribution = result["attribution"].detach().cpu()
+            if item.method == "integrated_gradients" and options["heatmap_size"] == "feature":
+                attribution = sum_pool(attribution[None], *self.feature_size)[0]
+            scale = float(attribution.abs().max())
+            values = attribution / scale if scale > 0 else torch.zeros_like(attribution)
+            if options["heatmap_size"] == "input" and tuple(values.shape) != input_size:
+                values = F.interpolate(values[None, None], size=input_size, mode="bilinear", align_corners=False)[0, 0]
+            heatmap = values.clamp(min=0)  # the overlay shows the evidence for the target
+            extra = {"scale": float(f"{scale:.6g}")}
+            absolute = abs(result["delta"])
+            explanation.update(
+                n_steps=options["n_steps"], integration=settings.integration_method, baseline="zeros",
+                convergence_delta={"absolute": absolute, "relative": absolute / max(abs(result["gap"]), 1e-12)})
+        if "heatmap" in options["outputs"]:
+            rounded = [[round(v, settings.heatmap_decimals) for v in row] for row in values.tolist()]
+            explanation["heatmap"] = {"shape": list(values.shape), "values": rounded, **extra}
+        if "overlay_png" in options["outputs"]:
+            box = self.preprocessing.crop_box(*item.inputs.original.size)
+            png = render_overlay(item.inputs.original, heatmap, box, settings.overlay_alpha)
+            explanation["overlay_png"] = base64.b64encode(png).decode("ascii")
+        return explanation
