@@ -78,10 +78,12 @@ def redact(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable sink URL>"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    if parts.password is None and query == parts.query:
+        return url
     if parts.password is not None:
         user, host = parts.netloc.rsplit("@", 1)
         parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
     return urlunsplit(parts._replace(query=query))
 
 
