@@ -47,10 +47,10 @@ class SqliteStore(SqlStore):
         folder = os.path.dirname(path)
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            os.close(fd)
-        except FileExistsError:
-            pass  # another worker created it first
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass  # another worker created it first
         except OSError as exc:
             raise StoreError(f"audit sink {self.name}: cannot create the file ({exc.strerror})") from None
 
