@@ -50,10 +50,12 @@ class UsageError(Exception):
 
 
 class Progress:
-    """A count on stderr every ``every_s`` seconds of a long run (nothing on short ones)."""
+    """A count on stderr every ``EVERY_S`` seconds of a long run (nothing on short ones)."""
 
-    def __init__(self, label: str, every_s: float = 2.0, stream=None):
-        self.label, self.every_s = label, every_s
+    EVERY_S = 2.0
+
+    def __init__(self, label: str, stream=None):
+        self.label, self.every_s = label, self.EVERY_S
         self.stream = stream if stream is not None else sys.stderr
         self.started = self.last = time.monotonic()
         self.printed = False
