@@ -51,3 +51,8 @@ def test_missing_or_shared_secrets_fail_at_load(tmp_path):
         ExplainTokens.load(parse_token_specs({"c": {"file": str(tmp_path / "none")}}), None, None, {})
     with pytest.raises(ConfigError, match="explain.token_env names T"):
         ExplainTokens.load((), "T", None, {})
+
+
+def test_only_the_exact_token_matches():
+    tokens = ExplainTokens.load(parse_token_specs({"team-a": {"env": "A"}}), None, None, {"A": "ay-secret"})
+    assert [t for t in (f"guess-{i}" for i in range(3000)) if tokens.match(t) is not None] == []

@@ -96,7 +96,10 @@ def plain(value: Any, where: str = "record") -> Any:
 
 def canonical_json(value: Any) -> str:
     """The canonical text of JSON data (see the module docstring)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:  # the common case, at C speed
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError):  # a non-finite float, or something that is not JSON data: say where
+        return json.dumps(plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def input_description(data: bytes, content_type: str, keep: bool, max_bytes: int) -> tuple[dict, Optional[bytes]]:
@@ -147,7 +150,7 @@ def record_body(entry: AuditEntry, *, record_id: str, writer: str, seq: int, tim
         "caller": entry.caller,
         "request_id": entry.request_id,
     }
-    return plain(body)
+    return body
 
 
 def _require(condition: bool, message: str) -> None:
