@@ -100,3 +100,29 @@ def test_prune_and_the_command_line(postgres_url, tmp_path):
     trail.record([image_entry(6)])
     assert store.verify()[0].ok
     store.close()
+
+
+def test_a_least_privilege_worker_role(postgres_url):
+    """The set-up docs/audit.md gives: the owner creates the tables, the workers' role may
+    insert records and move its head, and can neither edit nor delete records."""
+    import psycopg
+
+    open_store(postgres_url).close()  # as the owner
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("DROP ROLE IF EXISTS tsexplain_worker")
+        db.execute("CREATE ROLE tsexplain_worker LOGIN")
+        db.execute("GRANT SELECT, INSERT ON audit_records, audit_writers TO tsexplain_worker")
+        db.execute("GRANT UPDATE (head_seq, head_hash, closed_at) ON audit_writers TO tsexplain_worker")
+        db.execute("GRANT SELECT ON audit_anchors, audit_meta TO tsexplain_worker")
+    worker_url = postgres_url.replace("postgres@", "tsexplain_worker@")
+    trail = trail_on(worker_url)
+    (record_id,) = trail.record([image_entry(0)])
+    trail.close()
+    with psycopg.connect(worker_url, autocommit=True) as db:
+        for statement in ("UPDATE audit_records SET caller = 'x'", "DELETE FROM audit_records",
+                          "UPDATE audit_writers SET model = 'x'"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                db.execute(statement)
+    store = open_store(postgres_url)
+    assert store.verify()[0].ok and store.get(record_id) is not None
+    store.close()

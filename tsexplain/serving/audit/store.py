@@ -129,7 +129,21 @@ class SqlStore:
         return StoreError(f"audit sink {self.name}: {type(exc).__name__}: {str(exc).strip()}")
 
     # -- schema ----------------------------------------------------------------------------------
+    def schema_version(self) -> Optional[str]:
+        """The trail's schema version, or ``None`` when its tables are not there yet."""
+        try:
+            with self.read() as cur:
+                cur.execute(self.sql("SELECT value FROM audit_meta WHERE key = 'schema_version'"))
+                row = cur.fetchone()
+                return None if row is None else row[0]
+        except Exception:
+            return None
+
     def ensure_schema(self) -> None:
+        """Create the tables unless they are there: a role with no CREATE privilege (a
+        worker's, on PostgreSQL) can use a trail whose tables its owner created."""
+        if self.schema_version() == SCHEMA_VERSION:
+            return
         statements = [
             "CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
             f"""CREATE TABLE IF NOT EXISTS audit_writers (
