@@ -180,3 +180,21 @@ def test_the_trail_named_by_a_model_config_and_the_module_entry_point(trail, tmp
     assert "torch" not in subprocess.run(
         [sys.executable, "-c", "import sys, tsexplain.tools.audit; print(' '.join(sys.modules))"],
         capture_output=True, text=True, env=env).stdout.split()
+
+
+def test_only_init_creates_a_trail(trail, tmp_path):
+    path, ids = trail
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE notes (x TEXT)")
+    assert run("--db", str(other), "list")[0] == 2
+    with sqlite3.connect(other) as conn:  # left as it was
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["notes"]
+    fresh = tmp_path / "new" / "audit.db"
+    code, out = run("--db", str(fresh), "init")
+    assert code == 0 and "audit trail ready" in out and oct(fresh.stat().st_mode & 0o777) == "0o600"
+    assert run("--db", str(fresh), "verify")[1].strip().endswith("0 record(s) in 0 chain(s): OK")
+    writers = [json.loads(line) for line in run("--db", str(path), "writers")[1].splitlines()]
+    assert sorted(w["model"] for w in writers) == ["reviews", "shapes"]
+    assert {w["model"]: w["head_seq"] for w in writers} == {"shapes": 3, "reviews": 0}
+    assert all(w["closed_at"] for w in writers)

@@ -11,7 +11,8 @@ applies, ``--config-model`` naming the model for ``TSEXPLAIN_<MODEL>_AUDIT_SINK`
     export  [filters] [--out FILE] [--with-input]   JSON Lines, oldest first
     verify  [--save-heads FILE] [--check-heads FILE]
     prune   --older-than 183d | --before TIME [--dry-run]
-    writers
+    writers                              the writers (worker processes) and their heads
+    init                                 create the trail (the only command that creates anything)
 
 Filters: ``--model``, ``--since``, ``--until`` (ISO 8601 date or time, UTC when no
 offset is given, or an age such as ``7d``, ``12h``), ``--input-sha256`` or
@@ -274,13 +275,18 @@ def cmd_prune(store, args, out) -> int:
     return 0
 
 
+def cmd_init(store, args, out) -> int:
+    print(f"audit trail ready at {store.name}", file=out)
+    return 0
+
+
 def cmd_writers(store, args, out) -> int:
     for writer in store.writers():
         print(json.dumps(writer), file=out)
     return 0
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "export": cmd_export, "verify": cmd_verify, "prune": cmd_prune,
+COMMANDS = {"init": cmd_init, "list": cmd_list, "show": cmd_show, "export": cmd_export, "verify": cmd_verify, "prune": cmd_prune,
             "writers": cmd_writers}
 
 
@@ -327,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--before", help="a time (ISO 8601)")
     p.add_argument("--dry-run", action="store_true", help="count, remove nothing")
     sub.add_parser("writers", help="the writers (worker processes) and their heads, as JSON Lines")
+    sub.add_parser("init", help="create the trail's tables (and the SQLite file, owner-only); the workers "
+                   "create them too, unless their role may not")
     return parser
 
 
@@ -337,7 +345,7 @@ def main(argv: Optional[list[str]] = None, out=None) -> int:
     try:
         url = sink_url(args)
         sink_kind(url)
-        store = open_store(url, timeout_ms=args.timeout_ms, create=False)
+        store = open_store(url, timeout_ms=args.timeout_ms, create=args.command == "init")
         return COMMANDS[args.command](store, args, out)
     except (UsageError, ConfigError, StoreError) as exc:
         print(f"tsexplain-audit: {exc}", file=sys.stderr)

@@ -364,8 +364,8 @@ class SqlStore:
 
 
 def open_store(url: str, timeout_ms: int = 5000, synchronous: str = "full", create: bool = True) -> SqlStore:
-    """The store behind a sink URL, its schema in place. ``create=False`` refuses to
-    create a SQLite file that is not there (the command line)."""
+    """The store behind a sink URL, its schema in place. ``create=False`` (the command
+    line) creates nothing: no SQLite file, no tables; a sink without a trail is a ``StoreError``."""
     kind = sink_kind(url)
     if kind == "sqlite":
         from .sqlite import SqliteStore
@@ -376,7 +376,14 @@ def open_store(url: str, timeout_ms: int = 5000, synchronous: str = "full", crea
 
         store = PostgresStore(url, timeout_ms)
     try:
-        store.ensure_schema()
+        if create:
+            store.ensure_schema()
+        else:
+            version = store.schema_version()
+            if version != SCHEMA_VERSION:
+                raise StoreError(f"audit sink {store.name}: " + ("no audit trail there (no audit tables; "
+                                 "tsexplain-audit init creates them)" if version is None else
+                                 f"schema version {version}, this code knows {SCHEMA_VERSION}"))
     except BaseException:
         store.close()
         raise
