@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -47,10 +48,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--keep-input", action="store_true")
+    parser.add_argument("--start-at", type=float, default=0.0, help="wait until this time.time() after opening")
     args = parser.parse_args()
     settings = AuditSettings(record="all", sink=args.sink, keep_input=args.keep_input, timeout_ms=30_000)
     trail = AuditTrail.open(settings, model_name=args.model, model_version="1.0", mar_sha256="ab" * 32)
     print(f"writer {trail.writer}", flush=True)
+    while time.time() < args.start_at:
+        time.sleep(0.002)
     for b in range(args.batches):
         ids = trail.record([image_entry(b * args.batch_size + i) for i in range(args.batch_size)])
         sys.stdout.write("".join(f"id {i}\n" for i in ids))

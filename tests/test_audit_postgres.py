@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ def test_records_verify_and_tampering_is_named(postgres_url):
 
 def test_two_writer_processes_on_one_database(postgres_url):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
-    processes = [subprocess.Popen([sys.executable, WRITER, postgres_url, "--batches", "60", "--model", f"m{i}"],
+    start_at = time.time() + 4  # both open the trail, then start together
+    processes = [subprocess.Popen([sys.executable, WRITER, postgres_url, "--batches", "60", "--model", f"m{i}",
+                                   "--start-at", str(start_at)],
                                   stdout=subprocess.PIPE, text=True, env=env) for i in range(2)]
     outputs = [p.communicate(timeout=180)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0]

@@ -7,6 +7,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,9 +51,9 @@ def test_the_command_line_does_not_create_a_trail(tmp_path):
     assert not (tmp_path / "missing.db").exists()
 
 
-def writer(path, batches, batch_size=4):
+def writer(path, batches, batch_size=4, start_at=0.0):
     return subprocess.Popen([sys.executable, WRITER, f"sqlite://{path}", "--batches", str(batches),
-                             "--batch-size", str(batch_size)], stdout=subprocess.PIPE, text=True,
+                             "--batch-size", str(batch_size), "--start-at", str(start_at)], stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
 
 
@@ -68,7 +69,8 @@ def read_ids(process):
 
 def test_several_processes_write_at_once(tmp_path):
     path = tmp_path / "audit.db"
-    processes = [writer(path, batches=100) for _ in range(3)]
+    start_at = time.time() + 4  # all three open the trail, then start together
+    processes = [writer(path, batches=100, start_at=start_at) for _ in range(3)]
     results = [read_ids(p) for p in processes]
     assert [p.wait(timeout=120) for p in processes] == [0, 0, 0]
     store = open_store(f"sqlite://{path}", create=False)
