@@ -25,11 +25,11 @@ input whose bytes no longer match its SHA-256.
 
 What it cannot detect, on its own: someone with write access who rewrites a chain
 consistently (recomputes the hashes and the head, or forges an anchor), since no
-secret enters the hash. ``save_heads``/``check_heads`` close that gap from outside:
-keep the heads (``tsexplain-audit verify --save-heads``) somewhere the database's
-writers cannot change (a WORM bucket, a signed ticket), and a later
-``verify --check-heads`` finds any record at or before a saved head that was
-changed or removed other than by a prune.
+secret enters the hash. Heads kept outside close that gap: save them
+(``tsexplain-audit verify --save-heads``, ``heads_document``) somewhere the
+database's writers cannot change (a WORM bucket, a signed ticket), and a later
+``verify --check-heads`` (``check_heads``) finds any record at or before a saved
+head that was changed or removed other than by a prune.
 """
 from __future__ import annotations
 
