@@ -27,7 +27,7 @@ from tsexplain.errors import RequestError
 
 from .chain import Head, StoredRecord, link_hash
 from .record import AuditEntry, ModelIdentity, canonical_json, input_description, record_body
-from .settings import AuditSettings
+from .settings import AuditSettings, redact
 from .store import SqlStore, StoreError, WriterInfo, format_time, open_store, utc_now
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,6 @@ class AuditTrail:
 
     @property
     def store_name(self) -> str:
-        from .settings import redact
-
         return redact(self.settings.sink)
 
     def selects(self, priority: Optional[str]) -> bool:
