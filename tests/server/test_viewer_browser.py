@@ -31,7 +31,7 @@ from harness import png
 from tsexplain.tools.synthetic import shapes
 
 pytestmark = pytest.mark.server
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VIEWER = ROOT / "viewer"
 SCREENSHOTS = ROOT / "build" / "viewer-screenshots"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -14,7 +14,7 @@ from audit_entries import image_entry, text_entry
 from tsexplain.serving.audit import AuditSettings, AuditTrail, AuditUnavailable, Filters, open_store
 from tsexplain.tools import audit as cli
 
-WRITER = str(Path(__file__).parent / "audit_entries.py")
+WRITER = str(Path(__file__).parents[1] / "audit_entries.py")
 
 
 def trail_on(url, **kw):
@@ -41,7 +41,7 @@ def test_records_verify_and_tampering_is_named(postgres_url):
 
 
 def test_two_writer_processes_on_one_database(postgres_url):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
     start_at = time.time() + 4  # both open the trail, then start together
     processes = [subprocess.Popen([sys.executable, WRITER, postgres_url, "--batches", "60", "--model", f"m{i}",
                                    "--start-at", str(start_at)],

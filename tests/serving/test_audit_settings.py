@@ -1,7 +1,7 @@
 """explain.audit settings: defaults, environment overrides, loud validation."""
 import pytest
 
-from tsexplain.errors import ConfigError
+from tsexplain.serving.errors import ConfigError
 from tsexplain.serving.audit.settings import AuditSettings, env_names, redact, sink_kind, sqlite_path
 
 

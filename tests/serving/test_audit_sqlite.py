@@ -15,7 +15,7 @@ import pytest
 from audit_entries import image_entry
 from tsexplain.serving.audit import AuditSettings, AuditTrail, AuditUnavailable, StoreError, open_store
 
-WRITER = str(Path(__file__).parent / "audit_entries.py")
+WRITER = str(Path(__file__).parents[1] / "audit_entries.py")
 
 
 def settings(path, **kw):
@@ -54,7 +54,7 @@ def test_the_command_line_does_not_create_a_trail(tmp_path):
 def writer(path, batches, batch_size=4, start_at=0.0):
     return subprocess.Popen([sys.executable, WRITER, f"sqlite://{path}", "--batches", str(batches),
                              "--batch-size", str(batch_size), "--start-at", str(start_at)], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
 
 
 def read_ids(process):

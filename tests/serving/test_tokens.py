@@ -1,7 +1,7 @@
 """Named explain tokens: the caller's name from the token it presented, never the token."""
 import pytest
 
-from tsexplain.errors import ConfigError
+from tsexplain.serving.errors import ConfigError
 from tsexplain.serving.tokens import DEFAULT_NAME, ExplainTokens, parse_token_specs
 
 

@@ -19,7 +19,7 @@ from audit_entries import image_entry, text_entry
 from tsexplain.serving.audit import AuditSettings, AuditTrail
 from tsexplain.tools import audit as cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*argv):

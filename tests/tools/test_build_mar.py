@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_build(*args):

@@ -18,7 +18,7 @@ from harness import png
 from tsexplain.tools import client
 from tsexplain.tools.synthetic import shapes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REVIEW = "the place was packed and loud. Honestly, the service felt never horrible and the chef is from naples"
 SECRET = "s3cret-for-explanations"
 

@@ -1,7 +1,7 @@
 """The repository's own TorchServe config: loopback only, token auth on."""
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def properties():

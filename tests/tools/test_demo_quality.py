@@ -13,7 +13,7 @@ from tsexplain.attr.layers import get_layer
 from tsexplain.serving.models import build_torchvision_classifier
 from tsexplain.tools.synthetic import reviews, shapes
 
-DEMO = Path(__file__).resolve().parent.parent / "build" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "build" / "demo"
 HELD_OUT_SEED = 424242  # differs from the training and validation seeds
 
 

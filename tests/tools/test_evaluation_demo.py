@@ -21,7 +21,7 @@ import pytest
 from tsexplain.tools.eval_backends import InProcessImage, InProcessText
 from tsexplain.tools.evaluate import evaluate_images, evaluate_text
 
-DEMO = Path(__file__).resolve().parent.parent / "build" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "build" / "demo"
 SEED = 20261123
 
 

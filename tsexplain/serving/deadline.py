@@ -29,21 +29,9 @@ from typing import Callable, Iterator, Optional
 
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+from .errors import DeadlineExceeded  # noqa: F401 (raised here, defined with the other errors)
+
 Clock = Callable[[], float]
-
-
-class DeadlineExceeded(RuntimeError):
-    """Explanation work went past its deadline.
-
-    Attributes:
-        limit_ms: the deadline's length in milliseconds.
-        elapsed_ms: how long the work had run when it was stopped.
-    """
-
-    def __init__(self, limit_ms: float, elapsed_ms: float):
-        super().__init__(f"deadline of {limit_ms:g} ms exceeded after {elapsed_ms:.0f} ms")
-        self.limit_ms = limit_ms
-        self.elapsed_ms = elapsed_ms
 
 
 class Deadline:

@@ -8,7 +8,6 @@ itself are turned into request errors by :func:`explanation_error`, here too.
 from __future__ import annotations
 
 from ..attr.errors import AttributionInputError, EmptyText, SameClass, TooManyWords, UnknownClass
-from .deadline import DeadlineExceeded
 
 # type -> (status, when). README's "Errors" lists the same (tests/serving/test_errors.py checks it).
 ERROR_TYPES: dict[str, tuple[int, str]] = {
@@ -50,6 +49,7 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "explanation_failed": (503, "the explanation failed on the server; the prediction was not affected"),
     "overloaded": (503, "more requests in the worker than explain.async_max_queued"),
     "server_error": (503, "the request failed in the worker"),
+    "audit_unavailable": (503, "the explanation could not be recorded in the audit trail (explain.audit.on_failure: fail)"),
     "deadline_exceeded": (504, "the explanation ran past its deadline"),
     "out_of_memory": (507, "the explanation ran out of memory; the prediction was not affected"),
 }
@@ -73,6 +73,20 @@ class RequestError(Exception):
 
     def to_json(self) -> dict:
         return {"code": self.status, "type": self.kind, "message": self.message}
+
+
+class DeadlineExceeded(RuntimeError):
+    """Explanation work went past its deadline (:mod:`.deadline` raises it).
+
+    Attributes:
+        limit_ms: the deadline's length in milliseconds.
+        elapsed_ms: how long the work had run when it was stopped.
+    """
+
+    def __init__(self, limit_ms: float, elapsed_ms: float):
+        super().__init__(f"deadline of {limit_ms:g} ms exceeded after {elapsed_ms:.0f} ms")
+        self.limit_ms = limit_ms
+        self.elapsed_ms = elapsed_ms
 
 
 class ConfigError(ValueError):

@@ -11,69 +11,16 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, TypeVar
-
-import yaml
+from typing import Any, Mapping, Optional
 
 from ..attr.names import BASELINES, CAM_METHODS, IMAGE_METHODS, INTEGRATION_METHODS, LAYOUTS, PRECISIONS, TEXT_METHODS
-from .errors import ConfigError
+from .config import check, env_names, is_int, is_size, load_section  # noqa: F401 (env_names, load_section: re-exported)
 from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .policy import EXPLANATIONS, ROUTES
 from . import schema
 from .schema import HEATMAP_SIZES, IMAGE, IMAGE_OUTPUTS, MAX_DEADLINE_MS, MAX_N_STEPS, MAX_TOP_K, TEXT, Limits
 
-T = TypeVar("T")
-ENV_PREFIX = "TSEXPLAIN"
 FEATURE_LAYOUTS = ("auto",) + LAYOUTS
-
-
-def env_names(model_name: str, key: str) -> list[str]:
-    """Environment variables that override ``key``, most specific first."""
-    model = re.sub(r"[^A-Za-z0-9]", "_", model_name).upper()
-    return [f"{ENV_PREFIX}_{model}_{key.upper()}", f"{ENV_PREFIX}_{key.upper()}"]
-
-
-def load_section(cls: type[T], section: Optional[Mapping[str, Any]], model_name: str, environ: Mapping[str, str]) -> T:
-    """Build settings ``cls`` from a YAML section and environment overrides."""
-    if section is None:
-        section = {}
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(section).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(section) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown} in {cls.section!r}; known: {names}")
-    values = dict(section)
-    for name in names:
-        for variable in env_names(model_name, name):
-            if variable in environ:
-                try:
-                    values[name] = yaml.safe_load(environ[variable])
-                except yaml.YAMLError as exc:
-                    raise ConfigError(f"{variable}: not a valid value ({exc.problem})") from None
-                break
-    return cls(**values)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _is_size(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return value > 0
-    return (
-        isinstance(value, (list, tuple)) and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    )
-
-
-def _is_int(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
 
 POLICIES = ("all", "priority", "off")
 DEFAULT_DEADLINE_MS = 30_000  # well inside TorchServe's default responseTimeout of 120 s
@@ -133,35 +80,35 @@ class ExplainAccessSettings:
     def __post_init__(self):
         if self.policy is False:  # YAML 1.1 reads an unquoted `off` as false
             object.__setattr__(self, "policy", "off")
-        _check(isinstance(self.enabled, bool), "explain.enabled must be true or false")
-        _check(self.policy in POLICIES, f"explain.policy must be one of {list(POLICIES)}")
-        _check(isinstance(self.priority_header, str) and re.fullmatch(r"[A-Za-z0-9-]+", self.priority_header or ""),
+        check(isinstance(self.enabled, bool), "explain.enabled must be true or false")
+        check(self.policy in POLICIES, f"explain.policy must be one of {list(POLICIES)}")
+        check(isinstance(self.priority_header, str) and re.fullmatch(r"[A-Za-z0-9-]+", self.priority_header or ""),
                "explain.priority_header must be an HTTP header name")
-        _check(isinstance(self.priority_values, (list, tuple)) and self.priority_values
+        check(isinstance(self.priority_values, (list, tuple)) and self.priority_values
                and all(isinstance(v, str) and v.strip() for v in self.priority_values),
                "explain.priority_values must be a non-empty list of strings")
-        _check(self.on_denied in ON_DENIED, f"explain.on_denied must be one of {list(ON_DENIED)}")
-        _check(not (self.token_env and self.token_file), "explain: set token_env or token_file, not both")
+        check(self.on_denied in ON_DENIED, f"explain.on_denied must be one of {list(ON_DENIED)}")
+        check(not (self.token_env and self.token_file), "explain: set token_env or token_file, not both")
         for name in ("token_env", "token_file"):
             value = getattr(self, name)
-            _check(value is None or (isinstance(value, str) and value), f"explain.{name} must be a non-empty string")
-        _check(self.max_per_batch is None or _is_int(self.max_per_batch, 0, 1 << 20),
+            check(value is None or (isinstance(value, str) and value), f"explain.{name} must be a non-empty string")
+        check(self.max_per_batch is None or is_int(self.max_per_batch, 0, 1 << 20),
                "explain.max_per_batch must be a non-negative int or null")
-        _check(isinstance(self.routes, (list, tuple)) and EXPLANATIONS in self.routes and set(self.routes) <= set(ROUTES),
+        check(isinstance(self.routes, (list, tuple)) and EXPLANATIONS in self.routes and set(self.routes) <= set(ROUTES),
                "explain.routes must be [explanations] or [explanations, kserve]")
-        _check(_is_int(self.max_instances, 1, 4096), "explain.max_instances must be an int in [1, 4096]")
-        _check(self.inject_fault in (None, "error", "oom"), "explain.inject_fault must be null, error or oom")
-        _check(self.deadline_ms is None or _is_int(self.deadline_ms, 1, MAX_DEADLINE_MS),
+        check(is_int(self.max_instances, 1, 4096), "explain.max_instances must be an int in [1, 4096]")
+        check(self.inject_fault in (None, "error", "oom"), "explain.inject_fault must be null, error or oom")
+        check(self.deadline_ms is None or is_int(self.deadline_ms, 1, MAX_DEADLINE_MS),
                f"explain.deadline_ms must be an int in [1, {MAX_DEADLINE_MS}] (milliseconds) or null")
-        _check(isinstance(self.cache_mb, (int, float)) and not isinstance(self.cache_mb, bool)
+        check(isinstance(self.cache_mb, (int, float)) and not isinstance(self.cache_mb, bool)
                and 0 <= self.cache_mb <= 1 << 20, "explain.cache_mb must be a number in [0, 1048576] (0: off)")
-        _check(_is_int(self.async_batch_size, 1, 1024), "explain.async_batch_size must be an int in [1, 1024]")
-        _check(isinstance(self.async_max_batch_delay_ms, (int, float)) and not isinstance(self.async_max_batch_delay_ms, bool)
+        check(is_int(self.async_batch_size, 1, 1024), "explain.async_batch_size must be an int in [1, 1024]")
+        check(isinstance(self.async_max_batch_delay_ms, (int, float)) and not isinstance(self.async_max_batch_delay_ms, bool)
                and 0 <= self.async_max_batch_delay_ms <= 10_000,
                "explain.async_max_batch_delay_ms must be a number in [0, 10000] (milliseconds)")
-        _check(_is_int(self.async_max_queued, 1, 1 << 20), "explain.async_max_queued must be an int in [1, 1048576]")
-        _check(_is_int(self.cache_entries, 0, 1 << 24), "explain.cache_entries must be an int in [0, 16777216] (0: off)")
-        _check(self.request_overrides is None or (isinstance(self.request_overrides, (list, tuple))
+        check(is_int(self.async_max_queued, 1, 1 << 20), "explain.async_max_queued must be an int in [1, 1048576]")
+        check(is_int(self.cache_entries, 0, 1 << 24), "explain.cache_entries must be an int in [0, 16777216] (0: off)")
+        check(self.request_overrides is None or (isinstance(self.request_overrides, (list, tuple))
                and set(self.request_overrides) <= set(self.override_fields)),
                f"explain.request_overrides must be a list drawn from {list(self.override_fields)}")
 
@@ -189,22 +136,22 @@ class ImageModelSettings:
     max_image_pixels: int = 40_000_000
 
     def __post_init__(self):
-        _check(self.architecture is None or isinstance(self.architecture, str), "handler.architecture must be a string")
-        _check(self.num_classes is None or _is_int(self.num_classes, 1, 1_000_000), "handler.num_classes must be a positive int")
-        _check(self.resize is None or _is_size(self.resize), "handler.resize must be a positive int, [h, w] or null")
-        _check(self.crop is None or _is_size(self.crop), "handler.crop must be a positive int, [h, w] or null")
-        _check(self.crop is not None or isinstance(self.resize, (list, tuple)),
+        check(self.architecture is None or isinstance(self.architecture, str), "handler.architecture must be a string")
+        check(self.num_classes is None or is_int(self.num_classes, 1, 1_000_000), "handler.num_classes must be a positive int")
+        check(self.resize is None or is_size(self.resize), "handler.resize must be a positive int, [h, w] or null")
+        check(self.crop is None or is_size(self.crop), "handler.crop must be a positive int, [h, w] or null")
+        check(self.crop is not None or isinstance(self.resize, (list, tuple)),
                "handler: batching needs a fixed input size: set crop, or resize to [h, w]")
         for name in ("mean", "std"):
             value = getattr(self, name)
-            _check(
+            check(
                 isinstance(value, (list, tuple)) and len(value) == 3
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
                 f"handler.{name} must be three numbers",
             )
-        _check(all(v > 0 for v in self.std), "handler.std values must be positive")
-        _check(_is_int(self.top_k, 1, MAX_TOP_K), f"handler.top_k must be an int in [1, {MAX_TOP_K}]")
-        _check(_is_int(self.max_image_pixels, 1, 1 << 34), "handler.max_image_pixels must be a positive int")
+        check(all(v > 0 for v in self.std), "handler.std values must be positive")
+        check(is_int(self.top_k, 1, MAX_TOP_K), f"handler.top_k must be an int in [1, {MAX_TOP_K}]")
+        check(is_int(self.max_image_pixels, 1, 1 << 34), "handler.max_image_pixels must be a positive int")
 
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(self.resize, self.crop, tuple(self.mean), tuple(self.std))
@@ -240,25 +187,25 @@ class ImageExplainSettings(ExplainAccessSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.target_layer is None or (isinstance(self.target_layer, str) and self.target_layer),
+        check(self.target_layer is None or (isinstance(self.target_layer, str) and self.target_layer),
                "explain.target_layer must be a dotted module name")
-        _check(self.feature_layout in FEATURE_LAYOUTS, f"explain.feature_layout must be one of {list(FEATURE_LAYOUTS)}")
-        _check(isinstance(self.methods, (list, tuple)) and self.methods
+        check(self.feature_layout in FEATURE_LAYOUTS, f"explain.feature_layout must be one of {list(FEATURE_LAYOUTS)}")
+        check(isinstance(self.methods, (list, tuple)) and self.methods
                and all(isinstance(m, str) and m in IMAGE_METHODS for m in self.methods),
                f"explain.methods must be a non-empty list drawn from {list(IMAGE_METHODS)}")
-        _check(isinstance(self.method, str) and self.method in IMAGE_METHODS, f"explain.method must be one of {list(IMAGE_METHODS)}")
-        _check(self.method in self.methods, f"explain.method {self.method!r} is not in explain.methods {list(self.methods)}")
-        _check(_is_int(self.max_n_steps, 1, MAX_N_STEPS[IMAGE]),
+        check(isinstance(self.method, str) and self.method in IMAGE_METHODS, f"explain.method must be one of {list(IMAGE_METHODS)}")
+        check(self.method in self.methods, f"explain.method {self.method!r} is not in explain.methods {list(self.methods)}")
+        check(is_int(self.max_n_steps, 1, MAX_N_STEPS[IMAGE]),
                f"explain.max_n_steps must be an int in [1, {MAX_N_STEPS[IMAGE]}]")
-        _check(_is_int(self.n_steps, 1, self.max_n_steps), "explain.n_steps must be an int in [1, max_n_steps]")
-        _check(_is_int(self.internal_batch_size, 1, 1 << 20), "explain.internal_batch_size must be a positive int")
-        _check(self.integration_method in INTEGRATION_METHODS,
+        check(is_int(self.n_steps, 1, self.max_n_steps), "explain.n_steps must be an int in [1, max_n_steps]")
+        check(is_int(self.internal_batch_size, 1, 1 << 20), "explain.internal_batch_size must be a positive int")
+        check(self.integration_method in INTEGRATION_METHODS,
                "explain.integration_method must be gausslegendre or a riemann_* rule")
-        _check(self.heatmap_size in HEATMAP_SIZES, f"explain.heatmap_size must be one of {list(HEATMAP_SIZES)}")
-        _check(isinstance(self.outputs, (list, tuple)) and set(self.outputs) <= set(IMAGE_OUTPUTS),
+        check(self.heatmap_size in HEATMAP_SIZES, f"explain.heatmap_size must be one of {list(HEATMAP_SIZES)}")
+        check(isinstance(self.outputs, (list, tuple)) and set(self.outputs) <= set(IMAGE_OUTPUTS),
                f"explain.outputs must be a list drawn from {list(IMAGE_OUTPUTS)}")
-        _check(_is_int(self.heatmap_decimals, 1, 8), "explain.heatmap_decimals must be an int in [1, 8]")
-        _check(isinstance(self.overlay_alpha, (int, float)) and 0 < self.overlay_alpha <= 1,
+        check(is_int(self.heatmap_decimals, 1, 8), "explain.heatmap_decimals must be an int in [1, 8]")
+        check(isinstance(self.overlay_alpha, (int, float)) and 0 < self.overlay_alpha <= 1,
                "explain.overlay_alpha must be in (0, 1]")
 
 
@@ -278,10 +225,10 @@ class TextModelSettings:
     max_text_chars: int = 100_000
 
     def __post_init__(self):
-        _check(isinstance(self.model_path, str) and self.model_path, "handler.model_path must be a folder name")
-        _check(self.max_length is None or _is_int(self.max_length, 2, 1 << 20), "handler.max_length must be an int >= 2")
-        _check(self.top_k is None or _is_int(self.top_k, 1, MAX_TOP_K), f"handler.top_k must be an int in [1, {MAX_TOP_K}]")
-        _check(_is_int(self.max_text_chars, 1, 1 << 30), "handler.max_text_chars must be a positive int")
+        check(isinstance(self.model_path, str) and self.model_path, "handler.model_path must be a folder name")
+        check(self.max_length is None or is_int(self.max_length, 2, 1 << 20), "handler.max_length must be an int >= 2")
+        check(self.top_k is None or is_int(self.top_k, 1, MAX_TOP_K), f"handler.top_k must be an int in [1, {MAX_TOP_K}]")
+        check(is_int(self.max_text_chars, 1, 1 << 30), "handler.max_text_chars must be a positive int")
 
 
 @dataclass(frozen=True)
@@ -321,31 +268,31 @@ class TextExplainSettings(ExplainAccessSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(isinstance(self.methods, (list, tuple)) and self.methods and set(self.methods) <= set(TEXT_METHODS),
+        check(isinstance(self.methods, (list, tuple)) and self.methods and set(self.methods) <= set(TEXT_METHODS),
                f"explain.methods must be a non-empty list drawn from {list(TEXT_METHODS)}")
-        _check(self.method in self.methods, f"explain.method {self.method!r} must be one of explain.methods {list(self.methods)}")
-        _check(self.layer is None or (isinstance(self.layer, str) and self.layer), "explain.layer must be a dotted module name")
-        _check(self.baseline in BASELINES, f"explain.baseline must be one of {list(BASELINES)}")
-        _check(_is_int(self.max_n_steps, 1, MAX_N_STEPS[TEXT]),
+        check(self.method in self.methods, f"explain.method {self.method!r} must be one of explain.methods {list(self.methods)}")
+        check(self.layer is None or (isinstance(self.layer, str) and self.layer), "explain.layer must be a dotted module name")
+        check(self.baseline in BASELINES, f"explain.baseline must be one of {list(BASELINES)}")
+        check(is_int(self.max_n_steps, 1, MAX_N_STEPS[TEXT]),
                f"explain.max_n_steps must be an int in [1, {MAX_N_STEPS[TEXT]}]")
-        _check(self.n_steps == "auto" or _is_int(self.n_steps, 1, self.max_n_steps),
+        check(self.n_steps == "auto" or is_int(self.n_steps, 1, self.max_n_steps),
                "explain.n_steps must be an int in [1, max_n_steps] or auto")
-        _check(_is_int(self.adaptive_max, 1, 1024), "explain.adaptive_max must be an int in [1, 1024]")
-        _check(self.n_steps != "auto" or self.adaptive_max <= self.max_n_steps,
+        check(is_int(self.adaptive_max, 1, 1024), "explain.adaptive_max must be an int in [1, 1024]")
+        check(self.n_steps != "auto" or self.adaptive_max <= self.max_n_steps,
                "explain.adaptive_max must not exceed max_n_steps when n_steps is auto")
-        _check(_is_int(self.adaptive_start, 1, self.adaptive_max), "explain.adaptive_start must be an int in [1, adaptive_max]")
-        _check(isinstance(self.max_relative_delta, (int, float)) and not isinstance(self.max_relative_delta, bool)
+        check(is_int(self.adaptive_start, 1, self.adaptive_max), "explain.adaptive_start must be an int in [1, adaptive_max]")
+        check(isinstance(self.max_relative_delta, (int, float)) and not isinstance(self.max_relative_delta, bool)
                and 0 < self.max_relative_delta < float("inf"), "explain.max_relative_delta must be a positive number")
-        _check(self.precision in PRECISIONS, f"explain.precision must be one of {list(PRECISIONS)}")
-        _check(isinstance(self.memory_budget_mb, (int, float)) and not isinstance(self.memory_budget_mb, bool)
+        check(self.precision in PRECISIONS, f"explain.precision must be one of {list(PRECISIONS)}")
+        check(isinstance(self.memory_budget_mb, (int, float)) and not isinstance(self.memory_budget_mb, bool)
                and 0 < self.memory_budget_mb <= 1 << 24, "explain.memory_budget_mb must be a positive number")
-        _check(self.integration_method in INTEGRATION_METHODS,
+        check(self.integration_method in INTEGRATION_METHODS,
                f"explain.integration_method must be one of {list(INTEGRATION_METHODS)}")
-        _check(self.internal_batch_size == "auto" or _is_int(self.internal_batch_size, 1, 1 << 20),
+        check(self.internal_batch_size == "auto" or is_int(self.internal_batch_size, 1, 1 << 20),
                "explain.internal_batch_size must be a positive int or auto")
-        _check(_is_int(self.top_k_words, 1, MAX_TOP_K), f"explain.top_k_words must be an int in [1, {MAX_TOP_K}]")
-        _check(isinstance(self.html, bool), "explain.html must be true or false")
-        _check(_is_int(self.occlusion_max_words, 1, 1 << 20), "explain.occlusion_max_words must be a positive int")
+        check(is_int(self.top_k_words, 1, MAX_TOP_K), f"explain.top_k_words must be an int in [1, {MAX_TOP_K}]")
+        check(isinstance(self.html, bool), "explain.html must be true or false")
+        check(is_int(self.occlusion_max_words, 1, 1 << 20), "explain.occlusion_max_words must be a positive int")
 
 
 SECTIONS = {IMAGE: (ImageModelSettings, ImageExplainSettings), TEXT: (TextModelSettings, TextExplainSettings)}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from tsexplain.errors import ConfigError
+from tsexplain.serving.errors import ConfigError
 
 DEFAULT_NAME = "default"  # the label of explain.token_env / token_file
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 import yaml
 
-from tsexplain.errors import ConfigError
+from tsexplain.serving.errors import ConfigError
 from tsexplain.serving.audit.chain import heads_document
 from tsexplain.serving.audit.settings import AuditSettings, sink_kind
 from tsexplain.serving.audit.store import Filters, StoreError, format_time, open_store, utc_now
@@ -197,7 +197,7 @@ def render_overlay(record, args) -> tuple[int, int]:
     import torch  # only here: the other commands need no torch
 
     from tsexplain.images import Preprocessing, decode_image, render_overlay as draw
-    from tsexplain.errors import RequestError
+    from tsexplain.serving.errors import RequestError
 
     params = body.get("parameters") or {}
     handler = (_load_yaml(args.config).get("handler") or {}) if args.config else {}

@@ -11,18 +11,16 @@ No TorchServe import, and no torch: the ``tsexplain-audit`` command line uses it
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
 
-from tsexplain.errors import ConfigError
+from ..config import check as _check, env_names as _env_names, is_int as _is_int, load_section
+from ..errors import ConfigError
 
-ENV_PREFIX = "TSEXPLAIN"
 RECORD_MODES = ("none", "all", "priority")
 ON_FAILURE = ("fail", "serve")
 SQLITE_SYNCHRONOUS = ("full", "normal")
@@ -32,20 +30,8 @@ DEFAULT_MAX_INPUT_BYTES = 1 << 20
 
 
 def env_names(model_name: str, key: str) -> list[str]:
-    """Environment variables that override ``explain.audit.<key>``, most specific first
-    (``tsexplain.settings.env_names`` with the ``AUDIT_`` prefix on the key)."""
-    model = re.sub(r"[^A-Za-z0-9]", "_", model_name).upper()
-    name = f"AUDIT_{key.upper()}"
-    return [f"{ENV_PREFIX}_{model}_{name}", f"{ENV_PREFIX}_{name}"]
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _is_int(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    """Environment variables that override ``explain.audit.<key>``, most specific first."""
+    return _env_names(model_name, key, "audit")
 
 
 def sqlite_path(url: str) -> str:
@@ -158,21 +144,4 @@ class AuditSettings:
     @classmethod
     def load(cls, section: Optional[Mapping[str, Any]], model_name: str, environ: Mapping[str, str]) -> "AuditSettings":
         """From the ``explain.audit`` mapping of the model config and environment overrides."""
-        if section is None:
-            section = {}
-        if not isinstance(section, Mapping):
-            raise ConfigError(f"explain.audit: expected a mapping, got {type(section).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(section) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {unknown} in 'explain.audit'; known: {names}")
-        values = dict(section)
-        for name in names:
-            for variable in env_names(model_name, name):
-                if variable in environ:
-                    try:
-                        values[name] = yaml.safe_load(environ[variable])
-                    except yaml.YAMLError as exc:
-                        raise ConfigError(f"{variable}: not a valid value ({exc.problem})") from None
-                    break
-        return cls(**values)
+        return load_section(cls, section, model_name, environ, prefix="audit")

@@ -23,7 +23,7 @@ import uuid
 from datetime import timedelta
 from typing import Callable, Optional, Sequence
 
-from tsexplain.errors import RequestError
+from tsexplain.serving.errors import RequestError
 
 from .chain import Head, StoredRecord, link_hash
 from .record import AuditEntry, ModelIdentity, canonical_json, input_description, record_body
@@ -38,7 +38,7 @@ class AuditUnavailable(RequestError):
 
     def __init__(self, count: int):
         super().__init__("the explanation could not be recorded in the audit trail; retry later",
-                         "audit_unavailable", 503)
+                         "audit_unavailable")
         self.count = count
 
 
