@@ -275,17 +275,3 @@ def test_make_text_explainer():
         make_text_explainer("layer_ig", model, tok, **options)
     with pytest.raises(ValueError, match="saliency"):
         make_text_explainer("saliency", model, tok)
-
-
-@pytest.mark.parametrize("method", TEXT_METHODS)
-def test_evaluation_backend_runs_every_method(tmp_path, method):
-    from tsexplain.tools.eval_backends import InProcessText
-
-    model, tok = tiny_classifier("bert")
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    backend = InProcessText(tmp_path)
-    [explained] = backend.explain(TEXTS[:1], method)
-    want = make_text_explainer(method, model, tok).explain(TEXTS[:1], [explained.target])[0]
-    assert explained.method == method
-    assert [w["attribution"] for w in explained.words] == pytest.approx([w.attribution for w in want.words], abs=1e-5)

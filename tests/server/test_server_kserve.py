@@ -7,7 +7,6 @@ tiny image MAR and a tiny text MAR; every instance of a KServe request must get
 what the same request would get alone on ``/explanations`` or ``/predictions``.
 """
 import base64
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 

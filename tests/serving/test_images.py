@@ -9,7 +9,8 @@ from PIL import Image
 from torchvision import transforms
 
 from tsexplain.serving.errors import RequestError
-from tsexplain.serving.images import Preprocessing, decode_base64, decode_image, render_overlay
+from tsexplain.serving.images import Preprocessing, decode_image, render_overlay
+from tsexplain.serving.schema import decode_base64
 
 
 def png_bytes(image, fmt="PNG", **save):

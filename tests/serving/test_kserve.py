@@ -1,4 +1,4 @@
-"""tsexplain.kserve: KServe v1/v2 bodies split into instances and answered back."""
+"""tsexplain.serving.kserve: KServe v1/v2 bodies split into instances and answered back."""
 import json
 
 import pytest

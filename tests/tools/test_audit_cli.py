@@ -128,7 +128,7 @@ def test_verify_passes_then_names_the_edited_deleted_and_reordered_records(trail
     edit(path, f"UPDATE audit_records SET body = replace(body, '\"probability\":0.99', '\"probability\":0.42') "
                f"WHERE id = '{ids['more'][1]}'")
     code, out = run("--db", str(path), "verify")
-    assert code == 1 and f"BROKEN writer=shapes@" in out and f"seq=2 id={ids['more'][1]}" in out
+    assert code == 1 and "BROKEN writer=shapes@" in out and f"seq=2 id={ids['more'][1]}" in out
     assert "FAILED: 1 broken chain(s)" in out and ids["text"] not in out
     edit(path, f"DELETE FROM audit_records WHERE id = '{ids['text']}'")
     code, out = run("--db", str(path), "verify", "--check-heads", str(tmp_path / "heads.json"))

@@ -212,10 +212,13 @@ def test_text_highlighting_token_and_priority(server):
     assert "\x1b[" not in plain.stdout
     assert f"[+{REVIEW[top['start']:top['end']]}]" in plain.stdout
 
-    # method and contrast reach the server as given
-    contrastive = run_client(guarded + ["--method", "grad_x_input", "--contrast", "negative", "--target", "positive",
-                                        "--json"], cwd=server.workdir, env={"CLIENT_TEST_SECRET": SECRET})
+    # method and contrast reach the server as given; an option the method does not take is the server's 400
+    no_steps = [a for a in guarded if a not in ("--n-steps", "32")]
+    contrastive = run_client(no_steps + ["--method", "grad_x_input", "--contrast", "negative", "--target", "positive",
+                                         "--json"], cwd=server.workdir, env={"CLIENT_TEST_SECRET": SECRET})
     assert contrastive.returncode == 0, contrastive.stderr
+    stepped = run_client(guarded + ["--method", "grad_x_input"], cwd=server.workdir, env={"CLIENT_TEST_SECRET": SECRET})
+    assert stepped.returncode == 1 and "400 bad_n_steps" in stepped.stderr
     explanation = json.loads(contrastive.stdout)["explanation"]
     assert explanation["method"] == "grad_x_input" and "negative" in json.dumps(explanation["contrast"])
     same = run_client(guarded + ["--contrast", "positive", "--target", "positive"], cwd=server.workdir,

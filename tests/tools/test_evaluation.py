@@ -5,7 +5,10 @@ import torch
 from PIL import Image, ImageFilter
 
 from tsexplain.tools import evaluation as ev
-from tsexplain.tools.eval_backends import ServedText
+from tiny_hf import tiny_classifier
+from tsexplain.attr.names import TEXT_METHODS
+from tsexplain.attr.text import make_text_explainer
+from tsexplain.tools.eval_backends import InProcessText, ServedText
 
 SIDE = 10
 MASK = np.zeros((SIDE, SIDE), dtype=bool)
@@ -167,3 +170,18 @@ def test_served_answers_become_probability_rows():
     served._learn_labels([{"index": 2, "label": "c"}, {"index": 0, "label": "a"}, {"index": 1, "label": "b"}])
     rows = served._probabilities([{"c": 0.5, "a": 0.2, "b": 0.3}, {"c": 0.7, "a": 0.1}])
     assert np.allclose(rows, [[0.2, 0.3, 0.5], [0.1, 0.2, 0.7]])  # "b" left out: the rest
+
+
+EVAL_TEXTS = ["the movie was unbelievably good , i loved it", "bad film"]
+
+
+@pytest.mark.parametrize("method", TEXT_METHODS)
+def test_evaluation_backend_runs_every_method(tmp_path, method):
+    model, tok = tiny_classifier("bert")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    backend = InProcessText(tmp_path)
+    [explained] = backend.explain(EVAL_TEXTS[:1], method)
+    want = make_text_explainer(method, model, tok).explain(EVAL_TEXTS[:1], [explained.target])[0]
+    assert explained.method == method
+    assert [w["attribution"] for w in explained.words] == pytest.approx([w.attribution for w in want.words], abs=1e-5)

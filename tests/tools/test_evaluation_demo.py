@@ -2,12 +2,16 @@
 
 Thresholds, against what these seeds and sizes gave (2026-11-23, 2-core CPU; README "Evaluating
 explanations"):
-- Grad-CAM's pointing game >= 0.9 (measured 1.0), as in tests/test_demo_quality.py.
-- Deletion: Grad-CAM's AUC below the random-map baseline's by >= 0.05 on average, and below it
-  for >= 60% of the images. Measured: 0.268 vs 0.383, paired gap 0.115 (standard error 0.058),
-  lower for 75% of the images. The margin is loose on purpose: the model calls a blank image a
-  "star", so deleting a star's pixels (towards the mean colour) does not lower its probability
-  and stars have no gap at all; the other classes carry the whole difference.
+- Grad-CAM's pointing game >= 0.9 (measured 1.0), as in tests/tools/test_demo_quality.py.
+- Deletion: on the images where deletion can tell (below), Grad-CAM's AUC is below the random-map
+  baseline's by >= 0.05 on average, at least two standard errors above zero, and for >= 60% of
+  them. The model gives a fully deleted (mean-colour) image one class, and which class it is
+  depends on the training run's floating point (a "star" on the machine of 2026-11-23, a "square"
+  on another of 2026-12-02): deleting the evidence of that class cannot lower its probability,
+  whatever the map, so images whose explained class keeps >= 0.5 at full deletion (`deletion_end`)
+  are left out. On 2026-12-02's model, 100 images: 79 informative, gap 0.174 (standard error 0.027),
+  lower for 80%; over all 100 the gap was 0.077, and the first 20 (the 2026-11-23 setting) gave 0.027,
+  below the old threshold of 0.05: why the test no longer averages over uninformative images.
 - Insertion: Grad-CAM's AUC above the random baseline's by >= 0.15 (measured 0.918 vs 0.566).
 - Text: cue hit@3 >= 0.9 (measured 0.967); deleting the top word (by signed attribution)
   drops the target probability by >= 0.3 more than deleting a random word (measured 0.687 vs
@@ -28,7 +32,7 @@ SEED = 20261123
 @pytest.fixture(scope="module")
 def image_report():
     backend = InProcessImage(DEMO / "shapes")
-    return evaluate_images(backend, "gradcam", n=20, seed=SEED, steps=8, random_maps=2, image_size=64)
+    return evaluate_images(backend, "gradcam", n=100, seed=SEED, steps=8, random_maps=2, image_size=64)
 
 
 def test_gradcam_points_at_the_shape(image_report):
@@ -37,12 +41,15 @@ def test_gradcam_points_at_the_shape(image_report):
 
 
 def test_gradcam_deletes_faster_than_random_maps(image_report):
-    m = image_report["metrics"]
     per = image_report["per_sample"]
-    wins = np.mean([p["deletion_auc"] < p["deletion_auc_random"] for p in per])
-    print(f"deletion AUC gradcam {m['deletion_auc']['mean']:.3f} random {m['deletion_auc_random']['mean']:.3f} "
-          f"gap {m['deletion_auc_gap']} wins {wins:.2f}")
-    assert m["deletion_auc_gap"]["mean"] >= 0.05
+    informative = [p for p in per if p["deletion_end"] < 0.5]  # deletion can lower the class's probability
+    gaps = np.array([p["deletion_auc_random"] - p["deletion_auc"] for p in informative])
+    wins = np.mean(gaps > 0)
+    sem = gaps.std(ddof=1) / np.sqrt(len(gaps))
+    print(f"deletion: {len(informative)} of {len(per)} images informative, gap {gaps.mean():.3f} "
+          f"(standard error {sem:.3f}), wins {wins:.2f}")
+    assert len(informative) >= len(per) / 2
+    assert gaps.mean() >= 0.05 and gaps.mean() - 2 * sem > 0
     assert wins >= 0.6
 
 

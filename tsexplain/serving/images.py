@@ -1,7 +1,6 @@
 """Image decoding, preprocessing with known geometry, heatmap resizing and overlays."""
 from __future__ import annotations
 
-import base64
 import functools
 import io
 import warnings
@@ -50,20 +49,6 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit: scale, don't clip
         image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8), "L")
     return image if image.mode == "RGB" else image.convert("RGB")  # convert() copies even RGB
-
-
-def decode_base64(text: str) -> bytes:
-    """Strict base64 (standard or URL-safe alphabet, padding optional, data URLs too)."""
-    if text.startswith("data:") and "," in text:  # a data URL
-        text = text.split(",", 1)[1]
-    cleaned = "".join(text.split())
-    cleaned += "=" * (-len(cleaned) % 4)
-    try:
-        if "-" in cleaned or "_" in cleaned:
-            return base64.urlsafe_b64decode(cleaned)
-        return base64.b64decode(cleaned, validate=True)
-    except (ValueError, TypeError):
-        raise RequestError("'data' is not valid base64", "bad_base64") from None
 
 
 @dataclass(frozen=True)

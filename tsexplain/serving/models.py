@@ -56,3 +56,18 @@ def load_text_classifier(model_path: Path, device: torch.device):
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, local_files_only=True)
     return model.to(device).eval(), tokenizer
+
+
+class LogitsOnly(nn.Module):
+    """A classifier whose output is an object with ``.logits`` (a Hugging Face
+    ``...ForImageClassification``) seen as one that returns the ``[N, K]`` logits tensor,
+    as the runners and the attribution methods expect. The wrapped model is ``.model``,
+    so its layers are named ``model.<name>`` (``model.vit.encoder.layer.11.layernorm_before``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values)
+        return out.logits if hasattr(out, "logits") else out[0]

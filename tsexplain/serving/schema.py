@@ -13,13 +13,13 @@ bounded, where its default comes from (a setting), and whether
 """
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
 from ..attr.names import IMAGE_METHODS, INTEGRATING_METHODS, MAX_TEXT_N_STEPS, TEXT_METHODS
 from .errors import RequestError
-from .images import decode_base64
 
 IMAGE, TEXT = "image", "text"
 MODALITIES = (IMAGE, TEXT)
@@ -115,6 +115,20 @@ def _data(value, limits, modality):
     return text_body(value, limits.max_text_chars)
 
 
+def decode_base64(text: str) -> bytes:
+    """Strict base64 (standard or URL-safe alphabet, padding optional, data URLs too)."""
+    if text.startswith("data:") and "," in text:  # a data URL
+        text = text.split(",", 1)[1]
+    cleaned = "".join(text.split())
+    cleaned += "=" * (-len(cleaned) % 4)
+    try:
+        if "-" in cleaned or "_" in cleaned:
+            return base64.urlsafe_b64decode(cleaned)
+        return base64.b64decode(cleaned, validate=True)
+    except (ValueError, TypeError):
+        raise RequestError("'data' is not valid base64", "bad_base64") from None
+
+
 def text_body(value: Any, max_chars: int) -> str:
     """The text of a body or of a ``data`` field: UTF-8, not blank, at most ``max_chars``."""
     if isinstance(value, (bytes, bytearray)):
@@ -170,14 +184,12 @@ FIELDS: tuple[Field, ...] = (
                 "logit[contrast]`; must differ from the explained class (the predicted one when `target` is "
                 "left out)"}),
     Field("method", MODALITIES, "string", _method, _both("explain.method"),
-          {IMAGE: "`" + "`, `".join(IMAGE_METHODS) + "`: the method, one of `explain.methods` (others: 403 "
-                  "`method_not_allowed`)",
-           TEXT: "`" + "`, `".join(TEXT_METHODS) + "`: the method, one of `explain.methods` (others: 403 "
-                 "`method_not_allowed`)"}),
+          {m: "`" + "`, `".join(METHODS[m]) + "`: the method, one of `explain.methods` (others: "
+              "`method_not_allowed`)" for m in MODALITIES}),
     Field("n_steps", MODALITIES, "int", _int("n_steps", 1, lambda limits, modality: limits.max_n_steps),
           _both("explain.n_steps"),
-          {"*": "integration steps of `" + "` and `".join(INTEGRATING_METHODS) + "`, at most "
-                "`explain.max_n_steps` (a 400 with the other methods)"}),
+          {m: "integration steps of `" + "` and `".join(i for i in INTEGRATING_METHODS if i in METHODS[m])
+              + "`, at most `explain.max_n_steps` (`bad_n_steps` with the other methods)" for m in MODALITIES}),
     Field("outputs", (IMAGE,), "list of `" + "`, `".join(IMAGE_OUTPUTS) + "`", _outputs, {IMAGE: "explain.outputs"},
           {IMAGE: "what to return"}),
     Field("heatmap_size", (IMAGE,), "`" + "` or `".join(HEATMAP_SIZES) + "`", _heatmap_size,

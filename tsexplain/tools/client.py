@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ..serving.schema import IMAGE_OUTPUTS
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 TOKEN_HEADER = "X-Explain-Token"
 
@@ -237,7 +239,7 @@ def main(argv: Optional[list] = None) -> int:
     if args.image is not None:
         data: bytes | str = Path(args.image).read_bytes()
         if args.out and "outputs" not in options:
-            options["outputs"] = ["heatmap", "overlay_png"]
+            options["outputs"] = list(IMAGE_OUTPUTS)  # every output: the heatmap and the overlay
     else:
         data = args.text if args.text is not None else Path(args.text_file).read_text(encoding="utf-8")
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..attr import names
 from ..serving.images import Preprocessing
 
 
@@ -83,7 +84,7 @@ def _text_method(name: str) -> Callable:
 
 #: In-process text methods: name -> factory(model, tokenizer) -> explain(texts, targets) ->
 #: one list of word dicts per text. New core methods register here.
-TEXT_METHODS: dict[str, Callable] = {name: _text_method(name) for name in ("layer_ig", "grad_x_input", "occlusion")}
+TEXT_METHODS: dict[str, Callable] = {name: _text_method(name) for name in names.TEXT_METHODS}
 
 
 def _unknown(method, known):

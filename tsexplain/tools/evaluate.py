@@ -75,12 +75,13 @@ def evaluate_images(backend, method: Optional[str], n: int, seed: int, steps: in
                    "deletion": curves.deletion.mean(0).tolist(), "deletion_random": baseline.deletion.mean(0).tolist(),
                    "insertion": curves.insertion.mean(0).tolist(),
                    "insertion_random": baseline.insertion.mean(0).tolist()},
+        # deletion_end: the explained class's probability once every pixel is deleted (the mean colour)
         "per_sample": [{"label": s.label, "target": t, "pointing_hit": bool(p), "deletion_auc": float(d),
                         "insertion_auc": float(i), "deletion_auc_random": float(dr),
-                        "insertion_auc_random": float(ir)}
-                       for s, t, p, d, i, dr, ir in zip(samples, targets, pointing, curves.deletion_auc,
-                                                        curves.insertion_auc, baseline.deletion_auc,
-                                                        baseline.insertion_auc)],
+                        "insertion_auc_random": float(ir), "deletion_end": float(end)}
+                       for s, t, p, d, i, dr, ir, end in zip(samples, targets, pointing, curves.deletion_auc,
+                                                             curves.insertion_auc, baseline.deletion_auc,
+                                                             baseline.insertion_auc, curves.deletion[:, -1])],
     }
 
 

@@ -29,7 +29,7 @@ RENDERINGS = ("overlay_png", "html")
 @dataclass(frozen=True)
 class ModelIdentity:
     """The model that answered: its name, version and the SHA-256 of the MAR's files
-    (``tsexplain.cache.fingerprint_files`` of the extracted MAR)."""
+    (``tsexplain.serving.cache.fingerprint_files`` of the extracted MAR)."""
 
     name: str
     version: Optional[str]
