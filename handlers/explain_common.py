@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.protocol.otf_message_handler import create_predict_response
 
 from tsexplain import kserve
@@ -681,19 +682,27 @@ class ExplainerFlow:
             if getattr(request, name, None) is not None and not settings.allows_override(name):
                 raise RequestError(f"'{name}' may not be set in requests to this model", "override_not_allowed")
 
-    def count(self, name: str, value: float = 1, unit: Optional[str] = None, method: Optional[str] = None) -> None:
-        """A TorchServe custom metric, by method (counter, or a time when ``unit``);
-        ``method``: the one the request used (default: the model's default method)."""
+    def count(self, name: str, value: float = 1, unit: Optional[str] = None, method: Optional[str] = None,
+              metric_type: MetricTypes = MetricTypes.GAUGE) -> None:
+        """A TorchServe custom metric, by method (counter, or a time of ``metric_type`` when
+        ``unit``); ``method``: the one the request used (default: the model's default method).
+        Emitted dimensions: Method, then ModelName and Level (added by TorchServe); a metrics
+        YAML that declares the metric must name exactly these, in this order
+        (``deploy/metrics.yaml``)."""
         dims = [Dimension("Method", method or self.explain_settings.method)]
         if unit is None:
             self.context.metrics.add_counter(name, value, None, dims)
         else:
-            self.context.metrics.add_time(name, value, None, unit, dims)
+            self.context.metrics.add_time(name, value, None, unit, dims, metric_type)
 
     def record_explanation(self, elapsed_ms: float, method: Optional[str] = None, **fields) -> None:
-        """Metrics and one log line per explanation served (no payloads, no values)."""
+        """Metrics and one log line per explanation served (no payloads, no values).
+        ``ExplanationLatencySeconds`` is a histogram for Prometheus (whose default buckets,
+        5 ms to 10 s, are in seconds); ``ExplanationLatency`` the same time in ms, as before."""
         method = method or self.explain_settings.method
         self.count("ExplanationsServed", method=method)
         self.count("ExplanationLatency", round(elapsed_ms, 2), unit="ms", method=method)
+        self.count("ExplanationLatencySeconds", round(elapsed_ms / 1000, 6), unit="s", method=method,
+                   metric_type=MetricTypes.HISTOGRAM)
         detail = " ".join(f"{k}={v}" for k, v in fields.items())
         logger.info("explanation method=%s %s elapsed_ms=%.2f", method, detail, elapsed_ms)
