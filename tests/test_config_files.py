@@ -28,7 +28,7 @@ def test_metrics_in_prometheus_format_from_the_repository_yaml():
     assert (ROOT / demo["metrics_config"]).resolve() == ROOT / "deploy" / "metrics.yaml"  # relative to the root
     assert container["metrics_config"] == "/home/model-server/metrics.yaml"  # where the Dockerfile puts it
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "deploy/metrics.yaml /home/model-server/metrics.yaml" in dockerfile
+    assert "COPY deploy/config.properties deploy/metrics.yaml /home/model-server/" in dockerfile
 
 
 def test_metrics_yaml_keeps_torchserve_defaults():
