@@ -42,3 +42,10 @@ def test_metrics_yaml_keeps_torchserve_defaults():
             mine = {m["name"]: m for m in ours[section][kind]}
             for entry in entries:
                 assert mine.get(entry["name"]) == entry, (section, kind, entry["name"])
+
+
+def test_container_config_keeps_management_inside_and_token_auth_on():
+    props = properties("deploy/config.properties")
+    assert props["management_address"].startswith("http://127.0.0.1:")
+    assert props["inference_address"] == "http://0.0.0.0:8080" and props["metrics_address"] == "http://0.0.0.0:8082"
+    assert props.get("disable_token_authorization", "false") != "true"

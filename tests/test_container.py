@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -60,28 +59,26 @@ def podman(tool, *args, check=True):
 
 @pytest.fixture(scope="module")
 def container(image, tmp_path_factory):
-    """The image running with its inference, management and metrics ports published on loopback;
-    a TorchServe client (tsexplain.launcher) with the keys read from inside the container."""
+    """The image running with its inference and metrics ports published on loopback (the management
+    API listens on the container's loopback only), ready by its own probe (torchserve-explain-ready:
+    /ping "Healthy", every model's workers up); a client (tsexplain.launcher) with the inference key
+    read from inside the container."""
     from tsexplain.launcher import TorchServe, free_port
 
     tool, tag = image
     name = f"tsexplain-test-{os.getpid()}"
     ports = (free_port(), free_port(), free_port())
-    podman(tool, "run", "-d", "--name", name, *(f"--publish=127.0.0.1:{p}:{c}" for p, c in zip(ports, (8080, 8081, 8082))), tag)
+    podman(tool, "run", "-d", "--name", name, f"--publish=127.0.0.1:{ports[0]}:8080",
+           f"--publish=127.0.0.1:{ports[2]}:8082", tag)
     try:
-        workdir = tmp_path_factory.mktemp("container")
         deadline = time.monotonic() + 300
-        while True:  # key_file.json appears once the frontend is up
-            keys = podman(tool, "exec", name, "cat", "/home/model-server/key_file.json", check=False)
-            if keys.returncode == 0 and keys.stdout.strip():
-                break
+        while podman(tool, "exec", name, "torchserve-explain-ready", check=False).returncode != 0:
             assert podman(tool, "inspect", name, "--format", "{{.State.Running}}").stdout.strip() == "true", \
-                podman(tool, "logs", name, check=False).stdout[-3000:]
-            assert time.monotonic() < deadline, "no key_file.json in the container after 300 s"
+                podman(tool, "logs", name, check=False).stderr[-3000:]
+            assert time.monotonic() < deadline, "the container was not ready after 300 s"
             time.sleep(1)
-        (workdir / "key_file.json").write_text(keys.stdout)
-        client = TorchServe(ROOT / "model_store", MODELS, workdir, ports=ports)
-        client.wait_ready(max(10.0, deadline - time.monotonic()))  # every model has a READY worker
+        client = TorchServe(ROOT / "model_store", MODELS, tmp_path_factory.mktemp("container"), ports=ports)
+        client.keys = json.loads(podman(tool, "exec", name, "cat", "/home/model-server/key_file.json").stdout)
         yield tool, name, client
     finally:
         podman(tool, "rm", "-f", "-t", "0", name, check=False)
@@ -100,15 +97,20 @@ def answers(container):
         status, raw = client.request("POST", f"{client.inference_url}/{route}/{model}", body,
                                      {"Content-Type": content_type})
         out[(route, model)] = (status, json.loads(raw))
+    # KServe v1, as the ServingRuntime of docs/deployment.md serves it (TorchServe's own KServe routes)
+    status, raw = client.request("POST", f"{client.inference_url}/v1/models/reviews:explain",
+                                 json.dumps({"instances": [REVIEW]}).encode(), {"Content-Type": "application/json"})
+    out["kserve"] = (status, json.loads(raw))
     return out
 
 
 def approx_equal(a, b, path="") -> list[str]:
-    """Where two JSON answers differ (numbers within 1e-4; elapsed_ms is a time and not compared)."""
+    """Where two JSON answers differ (numbers within 1e-4). Not compared: elapsed_ms (a time) and
+    cached (whether it came from the worker's cache: the KServe call repeats a text)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
+        if set(a) - {"cached"} != set(b) - {"cached"}:
             return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
-        return [d for k in a if k != "elapsed_ms" for d in approx_equal(a[k], b[k], f"{path}/{k}")]
+        return [d for k in a if k not in ("elapsed_ms", "cached") for d in approx_equal(a[k], b[k], f"{path}/{k}")]
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: lengths {len(a)} != {len(b)}"]
@@ -151,6 +153,7 @@ def test_serves_what_the_mars_compute_in_process(answers, demo_store, tmp_path):
                                     "TextExplainer")
     [(status, explained)] = text_handler([(REVIEW.encode(), EXPLAIN)])
     assert status == 200 and approx_equal(answers[("explanations", "reviews")][1], explained) == []
+    assert answers["kserve"][0] == 200 and approx_equal(answers["kserve"][1], {"explanations": [explained]}) == []
     assert explained["explanation"]["method"] == "layer_ig" and explained["explanation"]["tokens"]
     [(_, predicted)] = text_handler([(REVIEW.encode(), {})])
     assert approx_equal(answers[("predictions", "reviews")][1], predicted) == []
@@ -165,7 +168,7 @@ def test_metrics_count_the_explanations(answers, container):
     served = {(s.labels["ModelName"], s.labels["Method"]): s.value
               for family in text_string_to_metric_families(body.decode()) for s in family.samples
               if s.name == "ExplanationsServed_total"}
-    assert served == {("shapes", "gradcam"): 1, ("reviews", "layer_ig"): 1}
+    assert served == {("shapes", "gradcam"): 1, ("reviews", "layer_ig"): 2}  # /explanations and KServe v1
 
 
 def test_runs_as_model_server_with_the_pinned_libraries(container):
