@@ -244,3 +244,25 @@ def test_dashboard_queries_only_scraped_series(scrape):
         names = metric_names(expr)
         assert names, (title, expr)
         assert names <= scraped, (title, names - scraped)
+
+
+def test_dashboard_has_the_operator_panels():
+    """Rate and share of traffic, p50/p99 latency by method, denials, failures and time-outs, cache hit
+    rate: each is a query of the dashboard; every variable a query uses is defined."""
+    board = json.loads(DASHBOARD.read_text())
+    queries = [expr for _, expr in dashboard_queries()]
+    variables = {v["name"] for v in board["templating"]["list"]}
+
+    def some(*parts):
+        return any(all(part in q for part in parts) for q in queries)
+
+    assert some("rate(ExplanationsServed", "ts_inference_requests_total", "/ on (ModelName)")
+    for q in ("0.5", "0.99"):
+        assert some(f"histogram_quantile({q},", "ExplanationLatencySeconds_bucket", "Method")
+    assert some("ExplanationsDenied") and some("ExplanationsFailed") and some("ExplanationsTimedOut")
+    assert some("ExplanationCacheHits", "ExplanationCacheMisses", "/")
+    for panel in board["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}" and set(panel["gridPos"]) == {"x", "y", "w", "h"}
+        for target in panel["targets"]:
+            used = set(re.findall(r"\$(\w+)", target["expr"])) - {"__rate_interval", "1"}
+            assert used <= variables, (panel["title"], used - variables)
