@@ -45,6 +45,7 @@ from typing import Optional
 
 import torch
 from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.service import Service
 
@@ -152,17 +153,26 @@ def send_answer(context, idx: int, answer: Answer) -> bool:
 
 class TorchServeMetrics(Metrics):
     """4.: the flow's counts as TorchServe custom metrics, by method (the model's default
-    method when a count has none)."""
+    method when a count has none). Emitted dimensions: ``Method``, the count's own (``Reason``),
+    then ``ModelName`` and ``Level`` (added by TorchServe): in Prometheus mode a metrics YAML
+    must declare exactly these, in this order (``deploy/metrics.yaml``), or the series is lost
+    or mislabelled. A time is also sent in seconds as a histogram (``<name>Seconds``):
+    TorchServe's histogram buckets (5 ms to 10 s) are in seconds."""
 
     def __init__(self, context, default_method: str):
         self.metrics = context.metrics
         self.default_method = default_method
 
-    def count(self, name: str, value: float = 1, method: Optional[str] = None) -> None:
-        self.metrics.add_counter(name, value, None, [Dimension("Method", method or self.default_method)])
+    def _dimensions(self, method: Optional[str], extra: dict) -> list:
+        return [Dimension("Method", method or self.default_method)] + [Dimension(k, v) for k, v in extra.items()]
+
+    def count(self, name: str, value: float = 1, method: Optional[str] = None, **dimensions: str) -> None:
+        self.metrics.add_counter(name, value, None, self._dimensions(method, dimensions))
 
     def time(self, name: str, ms: float, method: Optional[str] = None) -> None:
-        self.metrics.add_time(name, ms, None, "ms", [Dimension("Method", method or self.default_method)])
+        dimensions = self._dimensions(method, {})
+        self.metrics.add_time(name, ms, None, "ms", dimensions)
+        self.metrics.add_time(f"{name}Seconds", round(ms / 1000, 6), None, "s", dimensions, MetricTypes.HISTOGRAM)
 
 
 def worker_device(context) -> torch.device:

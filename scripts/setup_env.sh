@@ -60,3 +60,18 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
          "(install it with: sudo apt-get install chromium)"
   fi
 fi
+
+# podman, runc and debootstrap for the container image test (tests/test_container.py skips, saying why,
+# without them); deploy/podman/containers.conf holds the settings podman needs on machines like these.
+if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing podman, runc and debootstrap (Debian packages) for the container image test"
+    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman runc debootstrap; } \
+         >.venv/apt-podman.log 2>&1; then
+      echo "[setup] warning: installing podman failed (log: .venv/apt-podman.log); the container test will be skipped"
+    fi
+  else
+    echo "[setup] no podman, and apt-get needs root: the container image test will be skipped" \
+         "(install them with: sudo apt-get install podman runc debootstrap)"
+  fi
+fi

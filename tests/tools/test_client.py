@@ -25,8 +25,8 @@ SECRET = "s3cret-for-explanations"
 
 def run_client(args, cwd, env=None):
     """The installed console script when it is there, else the same entry point via -m."""
-    script = Path(sys.executable).parent / "tsexplain-client"
-    command = [str(script)] if script.exists() and _script_is_ours(script) else [sys.executable, "-m", "tsexplain.client"]
+    script = Path(sys.executable).parent / "tsexplain.tools.client"
+    command = [str(script)] if script.exists() and _script_is_ours(script) else [sys.executable, "-m", "tsexplain.tools.client"]
     environ = {**os.environ, "PYTHONPATH": str(ROOT)}
     environ.pop("NO_COLOR", None)
     environ.update(env or {})
@@ -34,14 +34,14 @@ def run_client(args, cwd, env=None):
 
 
 def _script_is_ours(script: Path) -> bool:
-    return "tsexplain.client" in script.read_text(errors="replace")
+    return "tsexplain.tools.client" in script.read_text(errors="replace")
 
 
 def test_console_script_entry_point_is_declared():
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
     scripts = dict(line.split(" = ") for line in config["options.entry_points"]["console_scripts"].strip().splitlines())
-    module, function = scripts["tsexplain-client"].split(":")
+    module, function = scripts["tsexplain.tools.client"].split(":")
     assert callable(getattr(importlib.import_module(module), function))
 
 

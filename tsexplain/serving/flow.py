@@ -92,9 +92,11 @@ class Batch:
 
 
 class Metrics:
-    """Where the flow counts (no-op here; the glue's records TorchServe metrics)."""
+    """Where the flow counts (no-op here; the glue's records TorchServe metrics). Every metric
+    has the dimension ``Method`` (the request's method, else the model's default); ``dimensions``
+    adds others, in order (``ExplanationsDenied``: ``Reason``, one of ``policy.DENIAL_CAUSES``)."""
 
-    def count(self, name: str, value: float = 1, method: Optional[str] = None) -> None:
+    def count(self, name: str, value: float = 1, method: Optional[str] = None, **dimensions: str) -> None:
         pass
 
     def time(self, name: str, ms: float, method: Optional[str] = None) -> None:
@@ -197,7 +199,7 @@ class ExplainFlow:
                         limit = item.options["deadline_ms"]
                         item.deadline = None if limit is None else Deadline(limit, batch.started)
                     else:
-                        batch.metrics.count("ExplanationsDenied", method=item.method)
+                        batch.metrics.count("ExplanationsDenied", method=item.method, Reason=decision.cause)
                         if explain.on_denied == "reject":
                             raise RequestError(decision.reason, decision.kind)
                         item.skipped = decision.reason

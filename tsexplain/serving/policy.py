@@ -20,11 +20,15 @@ EXPLANATIONS, KSERVE = "explanations", "kserve"  # the routes an explanation can
 ROUTES = (EXPLANATIONS, KSERVE)
 
 
+DENIAL_CAUSES = ("disabled", "route", "token", "priority", "batch_cap")  # the ExplanationsDenied metric's Reason
+
+
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
     reason: str = ""  # why not, in words safe to send to the client
     kind: str = ""  # the error type a rejected request gets (tsexplain.serving.errors)
+    cause: str = ""  # why not, as one of DENIAL_CAUSES (the metric's Reason)
 
 
 ALLOWED = Decision(True)
@@ -75,19 +79,20 @@ class ExplanationGate:
         route it came through (``explanations`` or ``kserve``)."""
         denied = "explanation_denied"
         if not self.enabled:
-            return Decision(False, "explanations are disabled for this model", denied)
+            return Decision(False, "explanations are disabled for this model", denied, "disabled")
         if route not in self.routes:
-            return Decision(False, "explanations are served on /explanations only", denied)
+            return Decision(False, "explanations are served on /explanations only", denied, "route")
         if self.secret is not None:
             sent = headers.get(TOKEN_HEADER, "").encode()
             if not hmac.compare_digest(sent, self.secret):
-                return Decision(False, "a valid X-Explain-Token header is required for explanations", denied)
+                return Decision(False, "a valid X-Explain-Token header is required for explanations", denied, "token")
         if self.policy == "priority":
             claimed = {headers.get(self.priority_header, ""), body_priority or ""}
             if not {c.strip().lower() for c in claimed} & self.priority_values:
-                return Decision(False, "explanations are served to priority requests only", denied)
+                return Decision(False, "explanations are served to priority requests only", denied, "priority")
         if self.max_per_batch is not None and granted_in_batch >= self.max_per_batch:
-            return Decision(False, "too many explanations in this batch; retry later", "too_many_explanations")
+            return Decision(False, "too many explanations in this batch; retry later", "too_many_explanations",
+                            "batch_cap")
         return ALLOWED
 
 
