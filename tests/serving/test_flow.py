@@ -78,8 +78,10 @@ class Counting(Metrics):
     def __init__(self):
         self.counts = {}
 
-    def count(self, name, value=1, method=None):
+    def count(self, name, value=1, method=None, **dimensions):
         self.counts[name] = self.counts.get(name, 0) + value
+        for label in dimensions.values():
+            self.counts[(name, label)] = self.counts.get((name, label), 0) + value
 
 
 def flow_with(explain=None, cache_mb=0, secret=None):
@@ -169,7 +171,7 @@ def test_the_gate_decides_per_request():
     flow, _ = flow_with(secret=b"s3cret")
     out = answers(flow, rows(({"data": "a x"}, EXPLAIN), ({"data": "a x"}, {**EXPLAIN, "headers": {"x-explain-token": "s3cret"}})))
     assert [status for status, _ in out] == [403, 200] and out[0][1]["type"] == "explanation_denied"
-    assert flow.metrics.counts["ExplanationsDenied"] == 1
+    assert flow.metrics.counts["ExplanationsDenied"] == flow.metrics.counts[("ExplanationsDenied", "token")] == 1
 
 
 def test_override_rights_method_rights_and_deadline_bound():

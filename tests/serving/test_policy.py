@@ -1,9 +1,8 @@
 """The explanation gate: policy, priority, token, per-batch cap; secrets loading."""
 import pytest
 
-from tsexplain.serving.errors import ConfigError
-from tsexplain.serving.errors import RequestError
-from tsexplain.serving.policy import ExplanationGate, load_secret, lower_case_headers
+from tsexplain.serving.errors import ConfigError, RequestError
+from tsexplain.serving.policy import DENIAL_CAUSES, ExplanationGate, load_secret, lower_case_headers
 
 
 def gate(**overrides):
@@ -82,3 +81,14 @@ def test_routes_explanations_only_denies_the_kserve_routes():
     decision = strict.decide({}, None, 0, route="kserve")
     assert not decision.allowed and "/explanations only" in decision.reason
     assert gate().decide({}, None, 0, route="kserve").allowed
+
+
+def test_every_denial_names_its_cause():
+    """The ExplanationsDenied metric's Reason label."""
+    assert gate(enabled=False).decide({}, None, 0).cause == "disabled"
+    assert gate(routes=["explanations"]).decide({}, None, 0, route="kserve").cause == "route"
+    assert gate(secret=b"s").decide({}, None, 0).cause == "token"
+    assert gate(policy="priority").decide({}, None, 0).cause == "priority"
+    assert gate(max_per_batch=0).decide({}, None, 0).cause == "batch_cap"
+    assert gate().decide({}, None, 0).cause == ""
+    assert {"disabled", "route", "token", "priority", "batch_cap"} == set(DENIAL_CAUSES)
