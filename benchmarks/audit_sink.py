@@ -81,6 +81,15 @@ def make_entry(kind: str, k: int, rng: random.Random) -> AuditEntry:
 
 
 def writer(sink: str, kind: str, batch: int, seconds: float, start_at: float, keep: bool, synchronous: str, queue) -> None:
+    try:
+        _write(sink, kind, batch, seconds, start_at, keep, synchronous, queue)
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it instead of waiting for a result
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def _write(sink: str, kind: str, batch: int, seconds: float, start_at: float, keep: bool, synchronous: str,
+           queue) -> None:
     rng = random.Random(os.getpid())
     entries = [make_entry(kind, k, rng) for k in range(64)]  # built beforehand: the sink is measured, not this
     settings = AuditSettings(record="all", sink=sink, keep_input=keep, max_input_bytes=1 << 20,
@@ -117,6 +126,9 @@ def scenario(kind: str, writers: int, batch: int, synchronous: str, keep: bool, 
         results = [queue.get(timeout=seconds + 120) for _ in processes]
         for p in processes:
             p.join()
+        failed = [r["error"] for r in results if "error" in r]
+        if failed:
+            raise RuntimeError(f"{len(failed)} writer(s) failed: {failed[0]}")
         store = open_store(sink, create=False)
         report, _ = store.verify()
         store.close()

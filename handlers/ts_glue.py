@@ -319,7 +319,9 @@ class ExplainHandler:
             if lane.explanation_lane_wait_s > 0.001:
                 logger.info("explanation lane: waited %.0f ms", lane.explanation_lane_wait_s * 1000)
 
+        began = time.perf_counter()
         metrics = self._metrics(lane.items[0][1])
         self.flow.run(rows, lane.first_arrival, on_ready=hand_over, metrics=metrics)
         for k, row in enumerate(rows):
             deliver(k, row.answer)
+        metrics.metrics.add_time("HandlerTime", round((time.perf_counter() - began) * 1000, 2), None, "ms")

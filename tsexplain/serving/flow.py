@@ -421,7 +421,7 @@ class ExplainFlow:
         """Metrics and one log line per explanation served (no payloads, no values)."""
         batch.metrics.count("ExplanationsServed", method=method)
         batch.metrics.time("ExplanationLatency", round(elapsed_ms, 2), method=method)
-        detail = " ".join(f"{k}={explanation[k]}" for k in ("n_steps", "layer") if explanation.get(k) is not None)
+        detail = " ".join(f"{k}={explanation[k]}" for k in self.runner.log_fields if explanation.get(k) is not None)
         logger.info("explanation method=%s %s%s elapsed_ms=%.2f", method, detail, " cached=True" if cached else "",
                     elapsed_ms)
 

@@ -53,12 +53,14 @@ class Runner:
             (:meth:`forward` computes them when asked).
         explanation_fields: the request fields that change the explanation part of an
             answer (they are part of its cache key).
+        log_fields: the explanation's fields that its log line shows (no values, no payloads).
     """
 
     modality: str
     labels: list[str]
     fused_methods: frozenset = frozenset()
     explanation_fields: tuple = ()
+    log_fields: tuple = ()
 
     def prepare(self, item: Item) -> None:
         """Set ``item.inputs`` from ``item.request.data``; RequestError for bad input."""

@@ -53,6 +53,7 @@ class ImageRunner(Runner):
     modality = IMAGE
     fused_methods = frozenset(CAM_METHODS)
     explanation_fields = ("n_steps", "outputs", "heatmap_size")
+    log_fields = ("layer",)
 
     def __init__(self, model: torch.nn.Module, explained_model: torch.nn.Module, mapping: Optional[dict],
                  settings: ModelSettings, device: torch.device):

@@ -52,6 +52,7 @@ class TextRunner(Runner):
 
     modality = TEXT
     explanation_fields = ("n_steps", "top_k", "html")
+    log_fields = ("n_steps",)
 
     def __init__(self, model, tokenizer, explained_model, explained_tokenizer, settings: ModelSettings,
                  device: torch.device):
