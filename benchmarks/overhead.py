@@ -188,7 +188,9 @@ def main(argv=None) -> int:
         stock = Driven(export / f"{name}_stock_b8", model.content_type)
         if args.no_forward:
             for driven in (ours, stock):
-                driven.handler.model = CachedForward(driven.handler.model)
+                # ours predicts through its runner (tsexplain.serving.runners), stock through handler.model
+                holder = getattr(driven.handler, "runner", driven.handler)
+                holder.model = CachedForward(holder.model)
         for n in args.batches:
             ours_batch = ours.batch(bodies_of(model, False, n))
             stock_batch = stock.batch(bodies_of(model, True, n))
