@@ -132,8 +132,10 @@ def test_failed_explanation_answers_503_and_keeps_predictions(handler, monkeypat
 def test_mar_is_self_contained_and_carries_no_tools(model_dir, tmp_path):
     """The unpacked MAR imports its handler, the glue, the serving code and the maths
     from itself alone; the tools (client, launcher, evaluation) stay out of it."""
+    # A machine without this repo: no editable-install finder that maps ``tsexplain`` here.
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()];"
+        "sys.path.insert(0, sys.argv[1]);"
         "import image_explainer, ts_glue, tsexplain.serving.flow as f, tsexplain.attr.cam as g;"
         "assert g.__file__.startswith(sys.argv[1]) and f.__file__.startswith(sys.argv[1]), g.__file__;"
         "import importlib.util; assert importlib.util.find_spec('tsexplain.tools') is None; print('ok')"

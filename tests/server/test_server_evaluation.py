@@ -24,7 +24,7 @@ def server(demo_store, tmp_path_factory):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "tsexplain.evaluate", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tsexplain.tools.evaluate", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
 
 

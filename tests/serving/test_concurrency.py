@@ -1,4 +1,4 @@
-"""Tests of tsexplain.concurrency: predictions that do not wait for explanations.
+"""Tests of tsexplain.serving.concurrency: predictions that do not wait for explanations.
 
 - shared_weights_copy: same parameter/buffer objects, new modules, hooks on the copy
   never reach the original, TypeError for modules it cannot copy.

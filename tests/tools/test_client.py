@@ -41,7 +41,7 @@ def test_console_script_entry_point_is_declared():
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
     scripts = dict(line.split(" = ") for line in config["options.entry_points"]["console_scripts"].strip().splitlines())
-    module, function = scripts["tsexplain.tools.client"].split(":")
+    module, function = scripts["tsexplain-client"].split(":")
     assert callable(getattr(importlib.import_module(module), function))
 
 

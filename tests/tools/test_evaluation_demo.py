@@ -1,4 +1,4 @@
-"""Faithfulness of the explanations of the trained demo models, in process (tsexplain.evaluate).
+"""Faithfulness of the explanations of the trained demo models, in process (tsexplain.tools.evaluate).
 
 Thresholds, against what these seeds and sizes gave (2026-11-23, 2-core CPU; README "Evaluating
 explanations"):
