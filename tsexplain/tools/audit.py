@@ -196,7 +196,7 @@ def render_overlay(record, args) -> tuple[int, int]:
                          "large): the overlay cannot be drawn again")
     import torch  # only here: the other commands need no torch
 
-    from tsexplain.images import Preprocessing, decode_image, render_overlay as draw
+    from tsexplain.serving.images import Preprocessing, decode_image, render_overlay as draw
     from tsexplain.serving.errors import RequestError
 
     params = body.get("parameters") or {}
