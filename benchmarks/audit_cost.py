@@ -11,14 +11,14 @@ the trail being one SQLite file per variant with the defaults (``record: all``,
   per-round ratios (each round's on/off means). The records' write time, from the workers'
   log lines (``audit records written=.. write_ms=..``).
 - ``predictions``: batch-1 ``/predictions`` latency, interleaved the same way (nothing is recorded).
-- ``throughput``: concurrent ``/predictions`` on the batching variants, phases off, on, on, off:
-  requests per second; the same with one request in ten explained (the explained ones are
+- ``throughput``: concurrent ``/predictions`` on the batching variants, phases off, on, on, off
+  (``--cycles`` times): requests per second; the same with one request in ten explained (the explained ones are
   recorded on ``_on``): the predictions' rate.
 
 Every answer is checked (200; ``explanation_id`` on ``_on`` only, and in its trail, which
 verifies at the end). Writes ``audit_cost.json`` and ``audit_cost.md`` into ``--out``.
 
-    python -m benchmarks.audit_cost [--model resnet50|shapes] [--rounds 60] [--seconds 20] [--quick]
+    python -m benchmarks.audit_cost [--model resnet50|shapes] [--rounds 60] [--seconds 40] [--cycles 3] [--quick]
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -133,18 +134,21 @@ def phase(ts, model, variant: str, seconds: float, threads: int, explained_every
     return {**counts, "seconds": round(wall, 2), "prediction_rps": round(counts["predictions"] / wall, 3)}
 
 
-def throughput(ts, model, seconds: float, threads: int, explained_every: int) -> dict:
+def throughput(ts, model, seconds: float, threads: int, explained_every: int, cycles: int) -> dict:
+    """``cycles`` times off, on, on, off, each phase ``seconds / 2`` long."""
     off, on = f"{model.name}_b8", f"{model.name}_b8_on"
     out = {}
     for label, every in (("predictions_only", 0), ("one_in_ten_explained", explained_every)):
         totals = {off: [], on: []}
         loads = [os.getloadavg()[0]]
-        for variant in (off, on, on, off):
+        for variant in (off, on, on, off) * cycles:
             totals[variant].append(phase(ts, model, variant, seconds / 2, threads, every))
         loads.append(os.getloadavg()[0])
         rps = {v: sum(p["predictions"] for p in ps) / sum(p["seconds"] for p in ps) for v, ps in totals.items()}
         out[label] = {"off_rps": round(rps[off], 3), "on_rps": round(rps[on], 3),
                       "ratio_on_vs_off": round(rps[on] / rps[off], 4) if rps[off] else None,
+                      "phase_rps": {"off": [p["prediction_rps"] for p in totals[off]],
+                                    "on": [p["prediction_rps"] for p in totals[on]]},
                       "errors": sum(p["errors"] for ps in totals.values() for p in ps),
                       "explanations": sum(p["explanations"] for ps in totals.values() for p in ps),
                       "threads": threads, "load_1min": [round(v, 2) for v in loads]}
@@ -195,14 +199,22 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="resnet50", choices=["resnet50", "shapes"])
     parser.add_argument("--rounds", type=int, default=60, help="ABBA rounds of batch-1 requests (4 requests each)")
     parser.add_argument("--seconds", type=float, default=40, help="throughput: seconds per variant (two halves)")
+    parser.add_argument("--cycles", type=int, default=3, help="throughput: ABBA cycles (phases of --seconds / 2)")
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a few requests (the test suite's check)")
     parser.add_argument("--out", default=str(ROOT / "build" / "bench"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.seconds, args.warmup = 3, 2, 1
+        args.rounds, args.seconds, args.warmup, args.cycles = 3, 2, 1, 1
     work = Path(tempfile.mkdtemp(prefix="tsexplain-audit-cost-"))
+    try:
+        return measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the staged models and the trails: the results are in --out
+
+
+def measure(args, work: Path) -> int:
     model = stage(args.model, work / "store", n_inputs=8)
     variants = {v: v for v in (model.name, f"{model.name}_on", f"{model.name}_b8", f"{model.name}_b8_on")}
     result = {"environment": environment("audit"), "model": model.name, "description": model.description}
@@ -211,7 +223,7 @@ def main(argv=None) -> int:
                     env={bench_models.EXPLAIN_TOKEN_ENV: EXPLAIN_TOKEN}) as ts:
         result["explanations"] = interleaved(ts, model, "explanations", args.rounds, args.warmup)
         result["predictions"] = interleaved(ts, model, "predictions", args.rounds, args.warmup)
-        result["throughput"] = throughput(ts, model, args.seconds, args.threads, 10)
+        result["throughput"] = throughput(ts, model, args.seconds, args.threads, 10, args.cycles)
         result["writes"] = writes(ts, f"{model.name}_on")
     result["trail"] = trail_check(f"sqlite://{work / 'trails' / model.name}.db", result["explanations"].pop("ids"))
     result["predictions"].pop("ids")

@@ -151,7 +151,8 @@ class ExplainFlow:
         """Answer every row (``row.answer``). ``started``: when the batch's first request
         reached the worker (``time.monotonic``; default now). ``on_ready(rows)`` is called
         once, before the batch's remaining explanation work and audit records, with the
-        rows whose answers are complete then (none holding an explanation to record). ``metrics``: where this batch counts (default: the flow's).
+        rows whose answers are complete then (none holds an explanation to record).
+        ``metrics``: where this batch counts (default: the flow's).
         Never raises: a failure answers the units it reached with a 503."""
         batch = Batch(rows, time.monotonic() if started is None else started, metrics or self.metrics)
         try:
