@@ -10,7 +10,12 @@ checks that every answer had its expected status (the only 5xx are the injected
 ones), that every worker is READY with the PID it had after warm-up, and writes
 ``soak.json`` and ``soak.md`` into ``--out``.
 
-Usage: python -m benchmarks.soak --duration 300 --users 8 --out build/soak
+With ``--audit`` the audit trail is on for ``shapes`` and ``reviews`` (``record: all``, one
+SQLite file for both, the defaults otherwise): the results then say how many records the sink
+took, at what rate, how long its commits took (from the workers' log lines) and how busy that
+kept it, and whether the trail verifies.
+
+Usage: python -m benchmarks.soak --duration 300 --users 8 --out build/soak [--audit]
 Exit status 0 when every check passed, 1 otherwise. Sends traffic to 127.0.0.1 only.
 """
 from __future__ import annotations
@@ -20,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import subprocess
@@ -40,6 +46,7 @@ from tsexplain.tools.launcher import TorchServe  # noqa: E402
 MODELS = {"shapes": "shapes.mar", "reviews": "reviews.mar", "faulty": "shapes.mar"}
 LOCUSTFILE = Path(__file__).resolve().parent / "soak_locustfile.py"
 MIB = 1 << 20
+AUDIT_LINE = re.compile(r"audit records written=(\d+) lost=(\d+) write_ms=([\d.]+)")
 
 
 def build_demo_store(store: Path) -> Path:
@@ -117,8 +124,37 @@ def warm_up(server: TorchServe, payloads: Path, token: str, rounds: int, users: 
         list(pool.map(lambda call: server.request("POST", *call, timeout=600), calls * rounds * users))
 
 
+def count_records(sink: str, verify: bool = False):
+    from tsexplain.serving.audit import Filters, open_store
+
+    store = open_store(sink, create=False)
+    try:
+        records = sum(1 for _ in store.records(Filters()))
+        return (records, store.verify()[0].ok) if verify else records
+    finally:
+        store.close()
+
+
+def audit_summary(sink: str, log: str, load_s: float, before_load: int) -> dict:
+    """What the one SQLite sink took: records (those of the load apart), commits and their times
+    (warm-up included), and the trail's verification."""
+    lines = [(int(n), int(lost), float(ms)) for n, lost, ms in AUDIT_LINE.findall(log)]
+    times = sorted(ms for _, _, ms in lines)
+    records, verified = count_records(sink, verify=True)
+
+    def pct(q):
+        return round(times[min(len(times) - 1, int(q / 100 * len(times)))], 2) if times else None
+
+    return {"sink": sink, "records": records, "records_during_load": records - before_load,
+            "written": sum(n for n, _, _ in lines), "lost": sum(lost for _, lost, _ in lines), "commits": len(lines),
+            "verified": verified, "records_per_s_during_load": round((records - before_load) / load_s, 2),
+            "write_ms_p50": pct(50), "write_ms_p99": pct(99),
+            "write_ms_max": round(times[-1], 2) if times else None,
+            "sink_busy_share": round(sum(times) / 1000 / load_s, 4)}
+
+
 def run_soak(store: Path, out: Path, duration: float, users: int, warmup_rounds: int = 10,
-             sample_every: float = 10.0) -> dict:
+             sample_every: float = 10.0, audit: bool = False) -> dict:
     """Serve, warm up, load with locust for ``duration`` s, check; returns the results."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -128,6 +164,11 @@ def run_soak(store: Path, out: Path, duration: float, users: int, warmup_rounds:
            "TSEXPLAIN_REVIEWS_POLICY": "priority", "TSEXPLAIN_REVIEWS_TOKEN_ENV": "SOAK_EXPLAIN_TOKEN_VALUE",
            "TSEXPLAIN_FAULTY_INJECT_FAULT": "error",
            "TSEXPLAIN_CACHE_MB": "0"}  # the payloads repeat: without this, explanations would be cache hits
+    sink = f"sqlite://{out}/audit/audit.db"
+    if audit:  # one SQLite file for both models' workers; the trail restarts with the run
+        shutil.rmtree(out / "audit", ignore_errors=True)
+        env.update({"TSEXPLAIN_AUDIT_SINK": sink, "TSEXPLAIN_SHAPES_AUDIT_RECORD": "all",
+                    "TSEXPLAIN_REVIEWS_AUDIT_RECORD": "all"})
     counts_file = out / "locust_counts.json"
     counts_file.unlink(missing_ok=True)
     server = TorchServe(store, MODELS, out / "ts", env=env)
@@ -135,6 +176,7 @@ def run_soak(store: Path, out: Path, duration: float, users: int, warmup_rounds:
     try:
         warm_up(server, payloads, token, warmup_rounds, users)
         before = workers(server)
+        audit_before = count_records(sink) if audit else 0
         pids = {name: ws[0]["pid"] for name, ws in before.items() if ws}
         began = time.monotonic()
         samples = [memory_sample(pids, began)]
@@ -167,7 +209,11 @@ def run_soak(store: Path, out: Path, duration: float, users: int, warmup_rounds:
     finally:
         server.stop()
     counts = json.loads(counts_file.read_text()) if counts_file.exists() else []
-    return summarize(counts, before, after, samples, load_s, duration, users, returncode)
+    result = summarize(counts, before, after, samples, load_s, duration, users, returncode)
+    if audit:
+        result["audit"] = audit_summary(sink, server.log_text(), load_s, audit_before)
+        result["passed"] = result["passed"] and result["audit"]["verified"] and result["audit"]["lost"] == 0
+    return result
 
 
 def summarize(counts: list[dict], before: dict, after: dict, samples: list[dict], load_s: float,
@@ -230,6 +276,13 @@ def markdown(result: dict, command: str) -> str:
         "|---|---|---|---|---|",
         *[f"| {name} | {v['start']} | {v['end']} | {v['growth']} | {v['max']} |" for name, v in result["rss_mib"].items()],
     ]
+    if "audit" in result:
+        a = result["audit"]
+        lines += ["", f"Audit trail (one SQLite file, both models): {a['records_during_load']} records during the "
+                  f"load, {a['records_per_s_during_load']} records/s; {a['records']} in all (warm-up included) in "
+                  f"{a['commits']} commits, commit p50 "
+                  f"{a['write_ms_p50']} ms, p99 {a['write_ms_p99']} ms, max {a['write_ms_max']} ms; the sink busy "
+                  f"{100 * a['sink_busy_share']:.2f}% of the time; lost {a['lost']}; verified: {a['verified']}"]
     if "cuda_mib" in result:
         lines += ["", "| worker | CUDA start (MiB) | CUDA end (MiB) |", "|---|---|---|",
                   *[f"| {n} | {v['start']} | {v['end']} |" for n, v in result["cuda_mib"].items()]]
@@ -243,11 +296,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "soak")
     parser.add_argument("--store", type=Path, help="a model store with shapes.mar and reviews.mar (default: build them)")
     parser.add_argument("--warmup-rounds", type=int, default=10)
+    parser.add_argument("--audit", action="store_true", help="with the audit trail on (one SQLite sink)")
     args = parser.parse_args(argv)
     if not 1 <= args.duration <= 3600 or not 1 <= args.users <= 64:
         parser.error("--duration must be in [1, 3600] s and --users in [1, 64]")
     store = args.store or build_demo_store(args.out / "store")
-    result = run_soak(store, args.out, args.duration, args.users, args.warmup_rounds)
+    result = run_soak(store, args.out, args.duration, args.users, args.warmup_rounds, audit=args.audit)
     command = "python -m benchmarks.soak " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out / "soak.json").write_text(json.dumps(result, indent=1))
     (args.out / "soak.md").write_text(markdown(result, command))

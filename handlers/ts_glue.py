@@ -36,6 +36,7 @@ needs worked around, each with the 0.12 code it answers to:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import sys
@@ -49,13 +50,15 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.service import Service
 
+from tsexplain.serving.audit import AuditTrail
 from tsexplain.serving.cache import ExplanationCache, fingerprint_files, model_version
 from tsexplain.serving.concurrency import MicroBatcher, Overloaded, shared_weights_copy
 from tsexplain.serving.errors import ConfigError, RequestError
 from tsexplain.serving.answers import JSON_CONTENT_TYPE, Answer
 from tsexplain.serving.flow import ExplainFlow, Metrics, Row
-from tsexplain.serving.policy import ExplanationGate, load_secret, lower_case_headers
+from tsexplain.serving.policy import ExplanationGate, lower_case_headers
 from tsexplain.serving.settings import load_settings
+from tsexplain.serving.tokens import ExplainTokens, parse_token_specs
 
 logger = logging.getLogger(__name__)
 KSERVE_ENVELOPES = ("KServeEnvelope", "KServev2Envelope")
@@ -203,22 +206,30 @@ class ExplainHandler:
         self.concurrent = self._check_concurrency(context)
         self.runner = self.make_runner(context)
         explain = settings.explain
-        secret = load_secret(explain.token_env, explain.token_file, os.environ)
+        tokens = ExplainTokens.load(parse_token_specs(explain.tokens), explain.token_env, explain.token_file, os.environ)
         gate = ExplanationGate(explain.enabled, explain.policy, explain.priority_header, explain.priority_values,
-                               explain.on_denied, explain.max_per_batch, secret, explain.routes)
-        logger.info("explanations: policy=%s on_denied=%s token=%s max_per_batch=%s routes=%s",
+                               explain.on_denied, explain.max_per_batch, tokens, explain.routes)
+        logger.info("explanations: policy=%s on_denied=%s tokens=%s max_per_batch=%s routes=%s",
                     explain.policy if explain.enabled else "off", explain.on_denied,
-                    "required" if secret is not None else "none", explain.max_per_batch, ",".join(explain.routes))
+                    ",".join(tokens.names) or "none", explain.max_per_batch, ",".join(explain.routes))
         cache = ExplanationCache(int(explain.cache_mb * 2**20), explain.cache_entries)
         version = ((context.manifest or {}).get("model") or {}).get("modelVersion")
-        cache_version = ""
-        if cache.enabled:
+        fingerprint = ""
+        if cache.enabled or explain.audit.enabled:  # the MAR's files hashed once: cache keys and audit records
             began = time.perf_counter()
-            cache_version = model_version(context.manifest, fingerprint_files(context.system_properties["model_dir"]))
-            logger.info("explanation cache: %s MB, %d entries, model version %s (hashed in %.0f ms)", explain.cache_mb,
-                        explain.cache_entries, cache_version, (time.perf_counter() - began) * 1000)
+            fingerprint = fingerprint_files(context.system_properties["model_dir"])
+            logger.info("model files hashed in %.0f ms: %s", (time.perf_counter() - began) * 1000, fingerprint[:16])
+        cache_version = model_version(context.manifest, fingerprint) if cache.enabled else ""
+        if cache.enabled:
+            logger.info("explanation cache: %s MB, %d entries, model version %s", explain.cache_mb,
+                        explain.cache_entries, cache_version)
+        self.trail = None
+        if explain.audit.enabled:  # a sink that cannot be opened fails the load under on_failure: fail
+            self.trail = AuditTrail.open(explain.audit, model_name=name, model_version=model_version(
+                context.manifest, fingerprint), mar_sha256=fingerprint)
+            atexit.register(self.trail.close)
         self.flow = ExplainFlow(self.runner, settings, gate, cache, model_name=name, model_version=version,
-                                cache_version=cache_version, concurrent=self.concurrent)
+                                cache_version=cache_version, concurrent=self.concurrent, trail=self.trail)
         if self.concurrent:
             self.batcher = MicroBatcher(self._run_async_batch, explain.async_batch_size,
                                         explain.async_max_batch_delay_ms / 1000, explain.async_max_queued, name=name)

@@ -92,6 +92,7 @@ def build_image(args) -> Path:
         {**SERVING_DEFAULTS, "handler": {"architecture": args.architecture, "num_classes": len(labels)}, "explain": {}},
         load_user_config(args.config),
     )
+    check_settings("image", args.name, config)
     extra, config_path = stage(args.name, {"index_to_name.json": Path(args.labels)}, config)
     return archive(
         args.name, args.version, "image_explainer.py", extra, config_path, Path(args.export_path),
@@ -109,6 +110,23 @@ def check_weights(architecture: str, num_classes: int, weights: Path) -> None:
         build_torchvision_classifier(architecture, num_classes, str(weights))
     except ConfigError as exc:
         raise SystemExit(f"{weights}: {exc} (the labels file has {num_classes} classes)") from None
+
+
+def check_settings(modality: str, name: str, config: dict) -> None:
+    """Fail at build time, not when the model loads, on settings the handlers would refuse
+    (as at load, without the serving machine's environment: an audit sink left to
+    TSEXPLAIN_AUDIT_SINK there is not required here)."""
+    sys.path.insert(0, str(ROOT))
+    from tsexplain.serving.errors import ConfigError
+    from tsexplain.serving.settings import load_settings
+
+    audit = (config.get("explain") or {}).get("audit")
+    environ = {"TSEXPLAIN_AUDIT_SINK": "sqlite:///set/where/served.db"} \
+        if isinstance(audit, dict) and audit.get("sink") is None else {}
+    try:
+        load_settings(modality, config, name, environ)
+    except ConfigError as exc:
+        raise SystemExit(f"{name}: bad settings in the model config: {exc}") from None
 
 
 def fetch_pretrained(architecture: str, weights_name: str) -> Path:
@@ -136,6 +154,7 @@ def build_text(args) -> Path:
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     config = deep_merge({**SERVING_DEFAULTS, "handler": {}, "explain": {}}, load_user_config(args.config))
+    check_settings("text", args.name, config)
     extra, config_path = stage(args.name, {"hf_model": model_dir}, config)
     return archive(args.name, args.version, "text_explainer.py", extra, config_path, Path(args.export_path))
 

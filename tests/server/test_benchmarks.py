@@ -93,3 +93,22 @@ def test_targets_rows(quick):
     for r in rows:
         assert isinstance(r["met"], bool) and r["comparison"] in ("<=", ">=") and r["value"] is not None
         assert r["met"] == (r["value"] <= r["threshold"] if r["comparison"] == "<=" else r["value"] >= r["threshold"])
+
+
+def test_audit_cost_quick(tmp_path):
+    """benchmarks.audit_cost on the demo model: every phase measured, every recorded explanation in
+    its trail, which verifies (no timing thresholds)."""
+    from benchmarks import audit_cost
+
+    assert audit_cost.main(["--model", "shapes", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "audit_cost.json").read_text())
+    for route in ("explanations", "predictions"):
+        for side in ("off", "on"):
+            assert result[route][side]["n"] == 6 and 0 < result[route][side]["p50_ms"] <= result[route][side]["p90_ms"]
+        assert result[route]["ratio_of_medians"] > 0 and len(result[route]["load_1min"]) == 2
+    assert result["trail"] == {"records": 7, "verified": True, "answered_ids_missing": 0}  # 1 warm-up + 6
+    assert result["writes"]["batches"] == 7 and result["writes"]["lost"] == 0 and result["writes"]["write_ms_p50"] > 0
+    for phase in result["throughput"].values():
+        assert phase["errors"] == 0 and phase["off_rps"] > 0 and phase["on_rps"] > 0
+    assert result["throughput"]["one_in_ten_explained"]["explanations"] > 0
+    assert "| /explanations | 6 |" in (tmp_path / "audit_cost.md").read_text()

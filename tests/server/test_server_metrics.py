@@ -6,6 +6,7 @@ import base64
 import json
 import re
 import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "torchserve-explain.json"
 TOKEN = "metrics-test-token"
 LONG = " ".join(["the staff were rude but the soup was great"] * 6)
 EXPLANATION_METRICS = ("ExplanationsServed", "ExplanationsDenied", "ExplanationsFailed", "ExplanationsTimedOut",
-                       "ExplanationCacheHits", "ExplanationCacheMisses", "EarlyAnswers")
+                       "ExplanationCacheHits", "ExplanationCacheMisses", "EarlyAnswers", "AuditRecordsWritten",
+                       "AuditRecordsLost", "AuditRecordsFailed")
 
 
 def shipped_metrics_properties() -> dict:
@@ -59,9 +61,10 @@ class Traffic:
                          {"Content-Type": "application/json", **(headers or {})})
 
 
-def send_traffic(ts) -> tuple[Traffic, dict]:
-    """Known traffic to three models; returns it and the explanation counts it must produce:
-    {(metric, model, method): count}."""
+def send_traffic(ts, notes_trail: Path) -> tuple[Traffic, dict]:
+    """Known traffic to four models; returns it and the explanation counts it must produce:
+    {(metric, model, method): count}. shapes records to a sink that cannot be opened under
+    ``on_failure: serve`` (every record lost), notes to ``notes_trail`` under ``fail``."""
     t = Traffic(ts)
     images = [png(s.image) for s in shapes.generate(4, 20261202, 64)]
     a, b = images[0], images[1]
@@ -86,6 +89,14 @@ def send_traffic(ts) -> tuple[Traffic, dict]:
     assert t.explain_json("notes", {"data": "the soup was great", "method": "grad_x_input"}, bad) == 403
     # past its deadline: 1 ms for 1,024 integration steps of a long text
     assert t.explain_json("notes", {"data": LONG, "n_steps": 1024, "deadline_ms": 1}, good) == 504
+    # its audit trail locked by another writer past explain.audit.timeout_ms: 503, no record, not served
+    lock = sqlite3.connect(notes_trail, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        assert t.explain_json("notes", {"data": "the soup was great"}, good) == 503
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
     # lanes (asyncCommunication): one worker batch, a slow explanation and 3 predictions answered before it ends
     assert mixed_batch(t, "lanes", {"data": LONG, "n_steps": 512}, {}, 3) == [200] * 4
     # the same served synchronously: one batch, answered whole (nothing early)
@@ -100,6 +111,9 @@ def send_traffic(ts) -> tuple[Traffic, dict]:
         ("ExplanationsTimedOut", "notes", "layer_ig"): 1,
         ("ExplanationsServed", "lanes", "layer_ig"): 1,
         ("EarlyAnswers", "lanes", "layer_ig"): 3,
+        ("AuditRecordsLost", "shapes", "gradcam"): 3, ("AuditRecordsLost", "shapes", "gradcam++"): 1,
+        ("AuditRecordsWritten", "notes", "layer_ig"): 2, ("AuditRecordsWritten", "notes", "grad_x_input"): 1,
+        ("AuditRecordsFailed", "notes", "layer_ig"): 1,
     }
     return t, expected
 
@@ -161,11 +175,16 @@ def scrape(demo_store, tmp_path_factory):
                                                      "internal_batch_size": 512, "async_batch_size": 8,
                                                      "async_max_batch_delay_ms": 500}})
     shutil.copy(demo_store / "shapes.mar", tmp / "store" / "shapes.mar")
+    (tmp / "not-a-folder").write_text("")
     env = {"TSEXPLAIN_FAULTY_INJECT_FAULT": "error", "TSEXPLAIN_FAULTY_CACHE_MB": "0", "TSEXPLAIN_FAULTY_POLICY": "priority",
-           "TSEXPLAIN_NOTES_TOKEN_ENV": "NOTES_EXPLAIN_TOKEN", "NOTES_EXPLAIN_TOKEN": TOKEN}
+           "TSEXPLAIN_NOTES_TOKEN_ENV": "NOTES_EXPLAIN_TOKEN", "NOTES_EXPLAIN_TOKEN": TOKEN,
+           "TSEXPLAIN_SHAPES_AUDIT_RECORD": "all", "TSEXPLAIN_SHAPES_AUDIT_ON_FAILURE": "serve",
+           "TSEXPLAIN_SHAPES_AUDIT_SINK": f"sqlite://{tmp}/not-a-folder/audit.db",
+           "TSEXPLAIN_NOTES_AUDIT_RECORD": "all", "TSEXPLAIN_NOTES_AUDIT_SINK": f"sqlite://{tmp}/notes-audit.db",
+           "TSEXPLAIN_NOTES_AUDIT_TIMEOUT_MS": "300"}
     models = {"shapes": "shapes.mar", "faulty": "shapes.mar", "notes": "notes.mar", "lanes": "lanes.mar"}
     with TorchServe(tmp / "store", models, tmp / "ts", properties=shipped_metrics_properties(), env=env) as ts:
-        traffic, expected = send_traffic(ts)
+        traffic, expected = send_traffic(ts, tmp / "notes-audit.db")
         served = {key[1:]: n for key, n in expected.items() if key[0] == "ExplanationsServed"}
         want = {**expected, **{("ExplanationLatencySeconds_count", model, method): n
                                for (model, method), n in served.items()}}

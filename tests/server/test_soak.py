@@ -1,4 +1,4 @@
-"""A shortened soak test: the runner of ``python -m benchmarks.soak`` with 40 s of load.
+"""A shortened soak test: the runner of ``python -m benchmarks.soak --audit`` with 40 s of load.
 
 Real TorchServe with the demo models and a model whose explanations fail on
 purpose, locust driving mixed traffic (predictions, explanations, denied
@@ -24,7 +24,8 @@ RSS_GROWTH_BOUND_MIB = 64
 
 
 def test_short_soak(demo_store, tmp_path):
-    result = soak.run_soak(demo_store, tmp_path / "soak", duration=40, users=4, warmup_rounds=3, sample_every=10)
+    result = soak.run_soak(demo_store, tmp_path / "soak", duration=40, users=4, warmup_rounds=3, sample_every=10,
+                           audit=True)
     kinds = {row["kind"] for row in result["by_kind"]}
     assert kinds == {"image_prediction", "image_explanation", "text_prediction", "text_explanation",
                      "text_explanation_denied", "bad_image", "bad_json", "unknown_target",
@@ -38,4 +39,10 @@ def test_short_soak(demo_store, tmp_path):
     for name, rss in result["rss_mib"].items():
         assert rss["start"] and rss["end"], name
         assert rss["growth"] < RSS_GROWTH_BOUND_MIB, (name, rss)
+    # the audit trail on for both models, one SQLite file: every explanation served was recorded
+    audit = result["audit"]
+    served = sum(r["count"] for r in result["by_kind"] if r["kind"] in ("image_explanation", "text_explanation")
+                 and r["status"] == 200)
+    assert audit["records_during_load"] == served and audit["records"] == audit["written"]
+    assert audit["verified"] and audit["lost"] == 0 and 0 < audit["write_ms_p50"] <= audit["write_ms_p99"]
     assert result["passed"]

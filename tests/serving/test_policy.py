@@ -1,13 +1,14 @@
-"""The explanation gate: policy, priority, token, per-batch cap; secrets loading."""
+"""The explanation gate: policy, priority, named tokens and the caller, per-batch cap."""
 import pytest
 
-from tsexplain.serving.errors import ConfigError, RequestError
-from tsexplain.serving.policy import DENIAL_CAUSES, ExplanationGate, load_secret, lower_case_headers
+from tsexplain.serving.errors import RequestError
+from tsexplain.serving.policy import DENIAL_CAUSES, ExplanationGate, lower_case_headers
+from tsexplain.serving.tokens import ExplainTokens, parse_token_specs
 
 
 def gate(**overrides):
     settings = dict(enabled=True, policy="all", priority_header="X-Priority", priority_values=["high", "audit"],
-                    on_denied="reject", max_per_batch=None, secret=None)
+                    on_denied="reject", max_per_batch=None, tokens=None)
     settings.update(overrides)
     return ExplanationGate(**settings)
 
@@ -39,7 +40,7 @@ def test_custom_priority_header_is_case_insensitive():
 
 
 def test_token_missing_wrong_right():
-    g = gate(secret=b"s3cret")
+    g = gate(tokens=b"s3cret")
     assert not g.decide({}, None, 0).allowed
     assert not g.decide({"x-explain-token": "s3cre"}, None, 0).allowed
     assert not g.decide({"x-explain-token": "s3cret!"}, None, 0).allowed
@@ -56,19 +57,18 @@ def test_per_batch_cap_is_429():
     assert not gate(max_per_batch=0).decide({}, None, 0).allowed
 
 
-def test_load_secret_from_env_and_file(tmp_path):
-    assert load_secret("MY_TOKEN", None, {"MY_TOKEN": " abc \n"}) == b"abc"
-    token_file = tmp_path / "token"
-    token_file.write_text("xyz\n")
-    assert load_secret(None, str(token_file), {}) == b"xyz"
-    assert load_secret(None, None, {}) is None
-    with pytest.raises(ConfigError, match="MY_TOKEN"):
-        load_secret("MY_TOKEN", None, {})
-    with pytest.raises(ConfigError, match="cannot read"):
-        load_secret(None, str(tmp_path / "missing"), {})
-    token_file.write_text("  ")
-    with pytest.raises(ConfigError, match="empty"):
-        load_secret(None, str(token_file), {})
+def test_the_decision_names_the_caller_never_the_token():
+    tokens = ExplainTokens.load(parse_token_specs({"team-a": {"env": "A"}, "team-b": {"env": "B"}}), "T", None,
+                                {"A": "ay", "B": "bee", "T": "single"})
+    g = gate(tokens=tokens, policy="priority")
+    assert g.decide({"x-explain-token": "bee", "x-priority": " Audit "}, None, 0).caller == "team-b"
+    decision = g.decide({"x-explain-token": "single"}, "high", 0)
+    assert decision.allowed and decision.caller == "default" and decision.priorities == ("high",)
+    assert not g.decide({"x-explain-token": "bee"}, None, 0).allowed  # a caller, not a priority request
+    assert not g.decide({"x-explain-token": "team-a", "x-priority": "high"}, None, 0).allowed  # the name is no token
+    assert gate().decide({"x-explain-token": "ay"}, None, 0).caller is None  # no tokens: no caller
+    both = gate().decide({"x-priority": "audit"}, "high", 0)
+    assert both.priorities == ("audit", "high") and "ay" not in repr(g.decide({"x-explain-token": "ay"}, "high", 0))
 
 
 def test_lower_case_headers_drops_non_string_entries():
@@ -87,7 +87,7 @@ def test_every_denial_names_its_cause():
     """The ExplanationsDenied metric's Reason label."""
     assert gate(enabled=False).decide({}, None, 0).cause == "disabled"
     assert gate(routes=["explanations"]).decide({}, None, 0, route="kserve").cause == "route"
-    assert gate(secret=b"s").decide({}, None, 0).cause == "token"
+    assert gate(tokens=b"s").decide({}, None, 0).cause == "token"
     assert gate(policy="priority").decide({}, None, 0).cause == "priority"
     assert gate(max_per_batch=0).decide({}, None, 0).cause == "batch_cap"
     assert gate().decide({}, None, 0).cause == ""

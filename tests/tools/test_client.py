@@ -224,3 +224,25 @@ def test_text_highlighting_token_and_priority(server):
     same = run_client(guarded + ["--contrast", "positive", "--target", "positive"], cwd=server.workdir,
                       env={"CLIENT_TEST_SECRET": SECRET})
     assert same.returncode == 1 and "400 bad_contrast" in same.stderr
+
+
+def test_the_explanation_id_is_printed(tmp_path):
+    """With the audit trail on, the answer's explanation_id is what tsexplain-audit show takes."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StreamedAnswer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    record_id = "6f1c3a52-0b8e-4d7c-9f0e-2a1b3c4d5e6f"
+    explanation = {"method": "layer_ig", "target": {"index": 1, "label": "positive"}, "elapsed_ms": 12.5,
+                   "words": [], "top_words": []}
+    try:
+        StreamedAnswer.body = {"predictions": [{"index": 1, "label": "positive", "probability": 0.9}],
+                               "explanation": {**explanation, "explanation_id": record_id}}
+        shown = run_client(["explain", "--model", "reviews", "--text", "fine", "--url", url], cwd=tmp_path)
+        StreamedAnswer.body = {"predictions": [], "explanation": explanation}
+        without = run_client(["explain", "--model", "reviews", "--text", "fine", "--url", url], cwd=tmp_path)
+    finally:
+        server.shutdown()
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[1:3] == ["explained: positive (method layer_ig, 12.5 ms)",
+                                              f"explanation id: {record_id}"]
+    assert without.returncode == 0 and "explanation id" not in without.stdout

@@ -44,6 +44,7 @@ def table_keys(heading: str) -> set[str]:
     ("### `explain:` (both)", settings.ExplainAccessSettings, set()),
     ("### `explain:` (image)", settings.ImageExplainSettings, {f.name for f in dataclasses.fields(settings.ExplainAccessSettings)}),
     ("### `explain:` (text)", settings.TextExplainSettings, {f.name for f in dataclasses.fields(settings.ExplainAccessSettings)}),
+    ("### `explain.audit:`", settings.AuditSettings, set()),
 ])
 def test_configuration_tables_list_every_key(heading, cls, exclude):
     assert table_keys(heading) == {f.name for f in dataclasses.fields(cls)} - exclude

@@ -6,7 +6,9 @@
 - :mod:`.policy`: who may get an explanation (the gate).
 - :mod:`.cache`, :mod:`.deadline`, :mod:`.kserve`, :mod:`.concurrency`, :mod:`.images`, :mod:`.models`.
 - :mod:`.flow`: one batch, as an explicit :class:`~.flow.Batch`, through parse, gate, cache,
-  forward, explain and render.
+  forward, explain, render and the audit records.
+- :mod:`.tokens`, :mod:`.audit`, :mod:`.recording`: named explain tokens, the audit trail, and the
+  flow's recording step (every served explanation recorded before its answer is released).
 - :mod:`.runners`: what differs between images and text (preprocess, forward, explain, render).
 
 TorchServe itself is touched only in ``handlers/ts_glue.py``.

@@ -9,7 +9,9 @@ The batch is an explicit :class:`Batch` passed along, with named index spaces:
   works on. Runner calls take lists of items; positions in them mean nothing else.
 
 Every unit gets its own answer (status and JSON body): a bad request its 4xx, a
-failed explanation its 5xx, and the others go on. The model-specific steps are the
+failed explanation its 5xx, and the others go on. With the audit trail on, the
+explanations it selects are answered only once the batch's records are committed
+(:mod:`.recording`, called at one point: ``_commit``). The model-specific steps are the
 runner's (:class:`~.runners.base.Runner`); everything here is shared by every runner.
 No TorchServe import: ``handlers/ts_glue.py`` turns TorchServe's batch into rows and
 the rows' answers back.
@@ -32,6 +34,7 @@ from .cache import PREDICTED, ExplanationCache, cache_key
 from .deadline import Deadline, DeadlineExceeded, enforce
 from .errors import RequestError, explanation_error
 from .policy import EXPLANATIONS, KSERVE, ExplanationGate
+from .recording import RECORD_ONLY, Recording
 from .runners.base import Item, Runner
 from .schema import effective, parse, request_body, resolve_target
 from .settings import ModelSettings
@@ -85,6 +88,7 @@ class Batch:
     items: list[Item] = field(default_factory=list)
     granted: int = 0  # explanations the gate let through
     handed_over: int = 0  # rows answered before the batch's explanation work (on_ready)
+    held: list = field(default_factory=list)  # explained items whose answers wait for their audit records
 
     def complete_rows(self) -> list[Row]:
         """Rows whose every unit is answered."""
@@ -118,11 +122,12 @@ class ExplainFlow:
         concurrent: explanations run after the batch's predictions are answered, in the
             explanation lane (``asyncCommunication``): no explanation is fused into the
             prediction forward.
+        trail: the audit trail (``None``: off); the recording step is :mod:`.recording`'s.
     """
 
     def __init__(self, runner: Runner, settings: ModelSettings, gate: ExplanationGate, cache: ExplanationCache,
                  metrics: Optional[Metrics] = None, model_name: str = "", model_version: Optional[str] = None,
-                 cache_version: str = "", concurrent: bool = False):
+                 cache_version: str = "", concurrent: bool = False, trail=None):
         self.runner = runner
         self.settings = settings
         self.gate = gate
@@ -132,6 +137,7 @@ class ExplainFlow:
         self.metrics = metrics or Metrics()
         self.model_name = model_name
         self.concurrent = concurrent
+        self.recording = Recording(trail, runner) if trail is not None else None
         self._defaults = settings.by_key()
         self._limits = settings.limits()
         # every setting is part of the cache key: env overrides change answers without changing the MAR
@@ -144,8 +150,9 @@ class ExplainFlow:
             on_ready: Optional[Callable[[list[Row]], None]] = None, metrics: Optional[Metrics] = None) -> list[Row]:
         """Answer every row (``row.answer``). ``started``: when the batch's first request
         reached the worker (``time.monotonic``; default now). ``on_ready(rows)`` is called
-        once, before the batch's remaining explanation work, with the rows whose answers
-        are complete then. ``metrics``: where this batch counts (default: the flow's).
+        once, before the batch's remaining explanation work and audit records, with the
+        rows whose answers are complete then (none holds an explanation to record).
+        ``metrics``: where this batch counts (default: the flow's).
         Never raises: a failure answers the units it reached with a 503."""
         batch = Batch(rows, time.monotonic() if started is None else started, metrics or self.metrics)
         try:
@@ -196,6 +203,7 @@ class ExplainFlow:
                     decision = self.gate.decide(unit.row.headers, item.request.priority, batch.granted, unit.route)
                     if decision.allowed:
                         item.explain, batch.granted = True, batch.granted + 1
+                        item.caller, item.priorities = decision.caller, decision.priorities
                         limit = item.options["deadline_ms"]
                         item.deadline = None if limit is None else Deadline(limit, batch.started)
                     else:
@@ -259,7 +267,7 @@ class ExplainFlow:
         for item in items:
             if id(item) not in waiting:
                 self._answer(batch, item, lookup_ms)
-        if pending and on_ready is not None:
+        if (pending or batch.held) and on_ready is not None:  # explanation work or audit records left
             ready = [self._finish(row) for row in batch.complete_rows()]
             batch.handed_over = len(ready)
             on_ready(ready)
@@ -270,6 +278,8 @@ class ExplainFlow:
             self._explain(batch, group)
         for item in pending:
             self._answer(batch, item, lookup_ms)
+        if batch.held:
+            self._commit(batch)
 
     def _look_up(self, explained: list[Item]) -> float:
         """Cache lookups of the explained items (no forward needed: a request without a
@@ -405,25 +415,44 @@ class ExplainFlow:
             return
         if item.cached is not None:
             explanation = item.cached
+            item.record_extras = explanation.pop(RECORD_ONLY, None)
             explanation.update(cached=True, elapsed_ms=round(lookup_ms, 2))
-            self._record(batch, explanation, lookup_ms, item.method, cached=True)
         else:
             began = time.perf_counter()
             explanation = self.runner.render(item)
+            if self.recording is not None:  # kept in the cache too, for a hit recorded later
+                item.record_extras = self.runner.record_extras(item, explanation)
             if item.cache_key is not None:
-                self.cache.put(item.cache_key, explanation)
+                self.cache.put(item.cache_key, {**explanation, RECORD_ONLY: item.record_extras}
+                               if item.record_extras else explanation)
             elapsed = item.elapsed_ms + (time.perf_counter() - began) * 1000
             explanation.update(cached=False, elapsed_ms=round(elapsed, 2))
-            self._record(batch, explanation, elapsed, item.method)
-        item.unit.answer = Answer.of(envelope(item.ranked, explanation))
+        item.explanation = explanation
+        if self.recording is not None and self.recording.selects(item):
+            batch.held.append(item)  # answered once its record is committed (_commit)
+        else:
+            self._serve(batch, item)
 
-    def _record(self, batch: Batch, explanation: dict, elapsed_ms: float, method: str, cached: bool = False) -> None:
-        """Metrics and one log line per explanation served (no payloads, no values)."""
+    def _commit(self, batch: Batch) -> None:
+        """The recording step: the batch's held explanations recorded in one transaction, then
+        answered, each with its ``explanation_id`` (or 503 / no id, as ``on_failure`` says)."""
+        for item, outcome in zip(batch.held, self.recording.commit(batch.held, batch.metrics)):
+            if isinstance(outcome, RequestError):
+                item.unit.answer = Answer.error(outcome)
+            else:
+                self._serve(batch, item, outcome)
+
+    def _serve(self, batch: Batch, item: Item, explanation_id: Optional[str] = None) -> None:
+        """``item``'s explanation answered; metrics and one log line (no payloads, no values)."""
+        explanation, method = item.explanation, item.method
+        if explanation_id is not None:
+            explanation["explanation_id"] = explanation_id
+        item.unit.answer = Answer.of(envelope(item.ranked, explanation))
         batch.metrics.count("ExplanationsServed", method=method)
-        batch.metrics.time("ExplanationLatency", round(elapsed_ms, 2), method=method)
+        batch.metrics.time("ExplanationLatency", explanation["elapsed_ms"], method=method)
         detail = " ".join(f"{k}={explanation[k]}" for k in self.runner.log_fields if explanation.get(k) is not None)
-        logger.info("explanation method=%s %s%s elapsed_ms=%.2f", method, detail, " cached=True" if cached else "",
-                    elapsed_ms)
+        logger.info("explanation method=%s %s%s elapsed_ms=%.2f", method, detail,
+                    " cached=True" if explanation["cached"] else "", explanation["elapsed_ms"])
 
     def _finish(self, row: Row) -> Row:
         """``row.answer`` from its units' answers (once)."""

@@ -7,13 +7,10 @@ The gate is decided per request. A denied request gets what ``on_denied`` says:
 """
 from __future__ import annotations
 
-import hmac
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
-from .errors import ConfigError
+from .tokens import DEFAULT_NAME, ExplainTokens
 
 TOKEN_HEADER = "x-explain-token"
 EXPLANATIONS, KSERVE = "explanations", "kserve"  # the routes an explanation can come through
@@ -29,28 +26,8 @@ class Decision:
     reason: str = ""  # why not, in words safe to send to the client
     kind: str = ""  # the error type a rejected request gets (tsexplain.serving.errors)
     cause: str = ""  # why not, as one of DENIAL_CAUSES (the metric's Reason)
-
-
-ALLOWED = Decision(True)
-
-
-def load_secret(token_env: Optional[str], token_file: Optional[str], environ: Mapping[str, str]) -> Optional[bytes]:
-    """The explanation token from the environment variable or the file; never logged."""
-    if token_env:
-        value = environ.get(token_env)
-        if value is None or not value.strip():
-            raise ConfigError(f"explain.token_env names {token_env}, which is not set or empty")
-        return value.strip().encode()
-    if token_file:
-        path = Path(os.path.expanduser(token_file))
-        try:
-            value = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"explain.token_file {token_file}: cannot read it ({exc.strerror})") from None
-        if not value:
-            raise ConfigError(f"explain.token_file {token_file} is empty")
-        return value.encode()
-    return None
+    caller: Optional[str] = None  # the name of the explain token the request presented (never the token)
+    priorities: tuple = ()  # the priority values the request carried: header, then JSON field
 
 
 class ExplanationGate:
@@ -59,11 +36,13 @@ class ExplanationGate:
     Args:
         enabled, policy, priority_header, priority_values, on_denied, max_per_batch, routes:
             the ``explain:`` settings of the same names.
-        secret: the token explanations require, or ``None`` for no token.
+        tokens: the named explain tokens (:class:`~.tokens.ExplainTokens`; one of them is
+            required when there are any), a single token as bytes (named ``default``), or
+            ``None`` for no token.
     """
 
     def __init__(self, enabled: bool, policy: str, priority_header: str, priority_values, on_denied: str,
-                 max_per_batch: Optional[int], secret: Optional[bytes], routes=ROUTES):
+                 max_per_batch: Optional[int], tokens: Union[ExplainTokens, bytes, None], routes=ROUTES):
         self.enabled = enabled and policy != "off"
         self.routes = set(routes)
         self.policy = policy
@@ -71,7 +50,14 @@ class ExplanationGate:
         self.priority_values = {v.lower() for v in priority_values}
         self.on_denied = on_denied
         self.max_per_batch = max_per_batch
-        self.secret = secret
+        if not isinstance(tokens, ExplainTokens):
+            tokens = ExplainTokens({DEFAULT_NAME: tokens} if tokens else {})
+        self.tokens = tokens
+
+    def claimed(self, headers: Mapping[str, str], body_priority: Optional[str]) -> tuple:
+        """The priority values a request carries (header first), stripped; empty ones left out."""
+        values = (headers.get(self.priority_header, ""), body_priority or "")
+        return tuple(dict.fromkeys(v.strip() for v in values if isinstance(v, str) and v.strip()))
 
     def decide(self, headers: Mapping[str, str], body_priority: Optional[str], granted_in_batch: int,
                route: str = EXPLANATIONS) -> Decision:
@@ -82,18 +68,18 @@ class ExplanationGate:
             return Decision(False, "explanations are disabled for this model", denied, "disabled")
         if route not in self.routes:
             return Decision(False, "explanations are served on /explanations only", denied, "route")
-        if self.secret is not None:
-            sent = headers.get(TOKEN_HEADER, "").encode()
-            if not hmac.compare_digest(sent, self.secret):
+        caller = None
+        if self.tokens.required:
+            caller = self.tokens.match(headers.get(TOKEN_HEADER))
+            if caller is None:
                 return Decision(False, "a valid X-Explain-Token header is required for explanations", denied, "token")
-        if self.policy == "priority":
-            claimed = {headers.get(self.priority_header, ""), body_priority or ""}
-            if not {c.strip().lower() for c in claimed} & self.priority_values:
-                return Decision(False, "explanations are served to priority requests only", denied, "priority")
+        claimed = self.claimed(headers, body_priority)
+        if self.policy == "priority" and not {c.lower() for c in claimed} & self.priority_values:
+            return Decision(False, "explanations are served to priority requests only", denied, "priority")
         if self.max_per_batch is not None and granted_in_batch >= self.max_per_batch:
             return Decision(False, "too many explanations in this batch; retry later", "too_many_explanations",
                             "batch_cap")
-        return ALLOWED
+        return Decision(True, caller=caller, priorities=claimed)
 
 
 def lower_case_headers(headers: Mapping) -> dict[str, str]:

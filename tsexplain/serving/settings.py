@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from ..attr.names import BASELINES, CAM_METHODS, IMAGE_METHODS, INTEGRATION_METHODS, LAYOUTS, PRECISIONS, TEXT_METHODS
+from .audit.settings import AuditSettings
 from .config import check, env_names, is_int, is_size, load_section  # noqa: F401 (env_names, load_section: re-exported)
 from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .policy import EXPLANATIONS, ROUTES
 from . import schema
 from .schema import HEATMAP_SIZES, IMAGE, IMAGE_OUTPUTS, MAX_DEADLINE_MS, MAX_N_STEPS, MAX_TOP_K, TEXT, Limits
+from .tokens import parse_token_specs
 
 FEATURE_LAYOUTS = ("auto",) + LAYOUTS
 
@@ -35,7 +37,12 @@ class ExplainAccessSettings:
     or JSON ``"priority"`` is one of ``priority_values``) | ``off``.
     ``on_denied``: ``predict`` (200, prediction only) | ``reject`` (403, or 429
     past ``max_per_batch``). ``token_env``/``token_file``: where the shared secret
-    that the ``X-Explain-Token`` header must carry is read from (unset: no token).
+    that the ``X-Explain-Token`` header must carry is read from (unset: no token);
+    ``tokens``: several named ones (``{team-a: {env: VAR}, team-b: {file: path}}``,
+    :mod:`.tokens`), the single one being named ``default``; the audit record keeps
+    the name of the token a request presented.
+    ``audit``: the audit trail (:class:`~.audit.settings.AuditSettings`; a mapping in
+    the YAML, with its own environment overrides ``TSEXPLAIN_<MODEL>_AUDIT_<KEY>``).
     ``request_overrides``: the request fields allowed to change the defaults.
     ``routes``: ``explanations`` (``/explanations/{model}``) and ``kserve`` (the
     KServe explain routes, and any request marked ``explain: True`` by its client
@@ -62,6 +69,8 @@ class ExplainAccessSettings:
     on_denied: str = "reject"
     token_env: Optional[str] = None
     token_file: Optional[str] = None
+    tokens: Optional[dict] = None  # named explain tokens: {name: {env: VAR} | {file: path}}
+    audit: Any = None  # the explain.audit mapping; AuditSettings once loaded
     max_per_batch: Optional[int] = None
     request_overrides: Optional[list] = None  # None: every override field
     routes: list = field(default_factory=lambda: list(ROUTES))
@@ -96,6 +105,10 @@ class ExplainAccessSettings:
                "explain.max_per_batch must be a non-negative int or null")
         check(isinstance(self.routes, (list, tuple)) and EXPLANATIONS in self.routes and set(self.routes) <= set(ROUTES),
                "explain.routes must be [explanations] or [explanations, kserve]")
+        parse_token_specs(self.tokens)  # names and sources only: the secrets are read at initialize
+        # the mapping; load_settings validates it into AuditSettings with its environment overrides
+        check(self.audit is None or isinstance(self.audit, (Mapping, AuditSettings)),
+              "explain.audit must be a mapping (record, sink, ...)")
         check(is_int(self.max_instances, 1, 4096), "explain.max_instances must be an int in [1, 4096]")
         check(self.inject_fault in (None, "error", "oom"), "explain.inject_fault must be null, error or oom")
         check(self.deadline_ms is None or is_int(self.deadline_ms, 1, MAX_DEADLINE_MS),
@@ -325,5 +338,8 @@ def load_settings(modality: str, config: Optional[Mapping[str, Any]], model_name
     and the environment; raises ``ConfigError`` for unknown keys and bad values."""
     config = config or {}
     handler_cls, explain_cls = SECTIONS[modality]
+    explain = load_section(explain_cls, config.get("explain"), model_name, environ)
+    # explain.audit, with its own keys' overrides: TSEXPLAIN_<MODEL>_AUDIT_<KEY>, then TSEXPLAIN_AUDIT_<KEY>
+    audit = AuditSettings.load(explain.audit, model_name, environ)
     return ModelSettings(load_section(handler_cls, config.get("handler"), model_name, environ),
-                         load_section(explain_cls, config.get("explain"), model_name, environ))
+                         dataclasses.replace(explain, audit=audit))

@@ -277,6 +277,8 @@ def _print_summary(response: dict, text: Optional[str], color: bool) -> None:
         return
     target = explanation.get("target", {})
     print(f"explained: {target.get('label')} (method {explanation.get('method')}, {explanation.get('elapsed_ms')} ms)")
+    if explanation.get("explanation_id"):  # the audit trail's record of it: tsexplain-audit show ID
+        print(f"explanation id: {explanation['explanation_id']}")
     if text is not None and "words" in explanation:
         print(highlight_words(text, explanation["words"], color))
         top = ", ".join(f"{w['word']} {w['attribution']:+.3f}" for w in explanation.get("top_words", []))

@@ -79,6 +79,9 @@ class TorchServe:
     def start(self, timeout: float = 300) -> "TorchServe":
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.properties").write_text(self.config_text())
+        # a restart in the same folder writes new keys: never wait with the last start's
+        (self.workdir / "key_file.json").unlink(missing_ok=True)
+        self.keys = {}
         with open(self.workdir / "torchserve.out", "wb") as out:
             subprocess.run(
                 [torchserve_command(), "--start", "--ncs", "--ts-config", "config.properties",

@@ -36,6 +36,10 @@ class Item:
     elapsed_ms: float = 0.0  # the explanation work's time
     error: Optional[RequestError] = None  # its explanation failed with this
     ranked: list = field(default_factory=list)  # (index, label, probability), most probable first
+    caller: Optional[str] = None  # the name of the explain token it presented (the gate's decision)
+    priorities: tuple = ()  # the priority values it carried (header, then JSON field)
+    explanation: Optional[dict] = None  # its explanation as answered, once rendered or taken from the cache
+    record_extras: Optional[dict] = None  # what its audit record keeps beyond the answer (Runner.record_extras)
 
     @property
     def method(self) -> str:
@@ -96,4 +100,21 @@ class Runner:
 
     def prediction_top_k(self, item: Item) -> int:
         """How many classes ``item``'s predictions list."""
+        raise NotImplementedError
+
+    # -- what the audit trail records (tsexplain/serving/recording.py) --
+
+    def record_parameters(self, item: Item, explanation: dict) -> dict:
+        """The effective parameters of ``item``'s ``explanation`` (as answered): what an
+        audit needs to know how it was computed, and for images to draw it again."""
+        raise NotImplementedError
+
+    def record_extras(self, item: Item, explanation: dict) -> Optional[dict]:
+        """Explanation fields the record keeps that the answer left out (images: the
+        heatmap values when only the overlay was asked for), right after :meth:`render`;
+        ``None``: nothing beyond the answer."""
+        return None
+
+    def input_content_type(self, item: Item) -> str:
+        """The media type of ``item``'s input (the bytes :meth:`cache_input` gives)."""
         raise NotImplementedError

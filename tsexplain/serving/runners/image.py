@@ -3,6 +3,7 @@ same forward, explain with Integrated Gradients, render heatmaps and overlays.""
 from __future__ import annotations
 
 import base64
+import io
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -22,6 +23,7 @@ from ..settings import ModelSettings
 from .base import Item, Runner
 
 logger = logging.getLogger(__name__)
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass
@@ -32,6 +34,7 @@ class ImageInput:
     cropped: Image.Image  # what the model sees
     tensor: Optional[torch.Tensor] = None  # [C, H, W] normalised, once the batch is made
     data: bytes = b""  # the bytes it came from (the cache key's)
+    answered_map: Optional[tuple] = None  # (values, extra heatmap fields) as rendered
 
 
 class ImageRunner(Runner):
@@ -80,6 +83,7 @@ class ImageRunner(Runner):
         if len(shape) != 4:
             raise ConfigError(f"target layer {self.layer_name!r} outputs shape {shape}, not [N, C, h, w]")
         self.feature_size = (shape[2], shape[3])
+        self.precision = PRECISION_NAMES.get(next(model.parameters()).dtype, "fp32")  # no autocast for images
         self.gradcam = GradCAM(explained_model, layer, layout)
         self.integrated = {"layer_ig": ImageIG(explained_model, layer, layout),
                            "integrated_gradients": ImageIG(explained_model)}
@@ -160,11 +164,35 @@ class ImageRunner(Runner):
             explanation.update(
                 n_steps=options["n_steps"], integration=settings.integration_method, baseline="zeros",
                 convergence_delta={"absolute": absolute, "relative": absolute / max(abs(result["gap"]), 1e-12)})
+        item.inputs.answered_map = (values, extra)  # the audit record keeps it even when only the overlay is asked
         if "heatmap" in options["outputs"]:
-            rounded = [[round(v, settings.heatmap_decimals) for v in row] for row in values.tolist()]
-            explanation["heatmap"] = {"shape": list(values.shape), "values": rounded, **extra}
+            explanation["heatmap"] = self._heatmap(values, extra)
         if "overlay_png" in options["outputs"]:
             box = self.preprocessing.crop_box(*item.inputs.original.size)
             png = render_overlay(item.inputs.original, heatmap, box, settings.overlay_alpha)
             explanation["overlay_png"] = base64.b64encode(png).decode("ascii")
         return explanation
+
+    def _heatmap(self, values: torch.Tensor, extra: dict) -> dict:
+        rounded = [[round(v, self.settings.explain.heatmap_decimals) for v in row] for row in values.tolist()]
+        return {"shape": list(values.shape), "values": rounded, **extra}
+
+    def record_extras(self, item: Item, explanation: dict) -> Optional[dict]:
+        if "heatmap" in explanation or item.inputs.answered_map is None:
+            return None
+        return {"heatmap": self._heatmap(*item.inputs.answered_map)}
+
+    def record_parameters(self, item: Item, explanation: dict) -> dict:
+        handler, settings, options = self.settings.handler, self.settings.explain, item.options
+        integrates = item.method not in CAM_METHODS
+        return {"layer": explanation.get("layer"), "n_steps": options["n_steps"] if integrates else None,
+                "integration": settings.integration_method if integrates else None,
+                "baseline": explanation.get("baseline"), "precision": self.precision,
+                "heatmap_size": options["heatmap_size"], "outputs": list(options["outputs"]),
+                "heatmap_decimals": settings.heatmap_decimals, "internal_batch_size": settings.internal_batch_size
+                if integrates else None, "resize": handler.resize, "crop": handler.crop, "mean": list(handler.mean),
+                "std": list(handler.std), "overlay_alpha": settings.overlay_alpha}
+
+    def input_content_type(self, item: Item) -> str:
+        with Image.open(io.BytesIO(item.inputs.data)) as image:  # the header only: it decoded before
+            return Image.MIME.get(image.format or "", "application/octet-stream")

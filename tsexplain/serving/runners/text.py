@@ -81,6 +81,20 @@ class TextRunner(Runner):
     def prediction_top_k(self, item: Item) -> int:
         return self.settings.handler.top_k or len(self.labels)
 
+    def record_parameters(self, item: Item, explanation: dict) -> dict:
+        s, options = self.settings.explain, item.options
+        params = {"layer": explanation.get("layer"), "n_steps": explanation.get("n_steps"),
+                  "integration": explanation.get("integration"), "precision": explanation.get("precision"),
+                  "baseline": s.baseline, "max_length": self.max_length, "top_k": options["top_k"],
+                  "html": options["html"], "internal_batch_size": s.internal_batch_size}
+        if item.method == "layer_ig" and options["n_steps"] == "auto":
+            params["adaptive"] = {"start": s.adaptive_start, "max": s.adaptive_max,
+                                  "max_relative_delta": s.max_relative_delta}
+        return params
+
+    def input_content_type(self, item: Item) -> str:
+        return "text/plain; charset=utf-8"
+
     def forward(self, items: list[Item], fused: list[Item]) -> torch.Tensor:
         # NumPy arrays, then tensors sharing their memory: the same int64 tensors as
         # return_tensors="pt", which builds them from nested lists (slower)
