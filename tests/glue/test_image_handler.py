@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import EXPLAIN, InProcessHandler, build_image_mar, png, unpack
+from harness import EXPLAIN, InProcessHandler, build_image_mar, imports_from_mar_only, png, unpack
 
 LABELS = ("cat", "dog", "owl")
 
@@ -132,16 +132,9 @@ def test_failed_explanation_answers_503_and_keeps_predictions(handler, monkeypat
 def test_mar_is_self_contained_and_carries_no_tools(model_dir, tmp_path):
     """The unpacked MAR imports its handler, the glue, the serving code and the maths
     from itself alone; the tools (client, launcher, evaluation) stay out of it."""
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]);"
-        "import image_explainer, ts_glue, tsexplain.serving.flow as f, tsexplain.attr.cam as g;"
-        "assert g.__file__.startswith(sys.argv[1]) and f.__file__.startswith(sys.argv[1]), g.__file__;"
-        "import importlib.util; assert importlib.util.find_spec('tsexplain.tools') is None; print('ok')"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", code, str(model_dir)], cwd=tmp_path, capture_output=True, text=True,
-                            env=env)
+    result = imports_from_mar_only(model_dir, ["image_explainer", "ts_glue", "tsexplain.serving.flow",
+                                               "tsexplain.attr.cam"], tmp_path)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
     names = {p.name for p in model_dir.iterdir()}
-    assert {"image_explainer.py", "ts_glue.py", "tsexplain", "index_to_name.json", "pets.pt"} <= names
+    assert {"image_explainer.py", "ts_glue.py", "tsexplain", "index_to_name.json", "pets.pt", "named_model.py"} <= names
     assert {p.name for p in (model_dir / "tsexplain").iterdir()} == {"__init__.py", "attr", "serving"}
