@@ -84,6 +84,15 @@ def stage(name: str, files: dict[str, Path], config: dict) -> tuple[Path, Path]:
     return extra, config_path
 
 
+def serving_defaults(user_config: dict) -> dict:
+    """TorchServe's keys unless the user's config sets them: with ``asyncCommunication``
+    the frontend's batchSize must be 1 (the worker batches requests itself)."""
+    defaults = dict(SERVING_DEFAULTS)
+    if user_config.get("asyncCommunication") is True:
+        defaults["batchSize"] = 1
+    return defaults
+
+
 def write_config(path: Path, config: dict) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -219,7 +228,7 @@ def build_image(args) -> Path:
         if path:
             source = existing(path, "--extra-files")
             files[source.name] = source
-    config = deep_merge({**SERVING_DEFAULTS, "handler": handler, "explain": explain}, user_config)
+    config = deep_merge({**serving_defaults(user_config), "handler": handler, "explain": explain}, user_config)
     manifest_model = {}
     if model_file is not None:
         files[model_file.name] = model_file
@@ -300,7 +309,8 @@ def build_text(args) -> Path:
     model_dir = existing(args.model_dir, "--model-dir")
     if not (model_dir / "config.json").exists():
         raise BuildError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
-    config = deep_merge({**SERVING_DEFAULTS, "handler": {}, "explain": {}}, load_user_config(args.config))
+    user_config = load_user_config(args.config)
+    config = deep_merge({**serving_defaults(user_config), "handler": {}, "explain": {}}, user_config)
     extra, config_path = stage(args.name, {HF_FOLDER: model_dir}, config)
     check(TEXT, args.name, extra, {}, config)
     return finish(args, HANDLERS[TEXT], extra, config_path)
@@ -362,12 +372,24 @@ def check_mar(args) -> Path:
     return mar
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment (main() may run many times in one process)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def quiet_logs() -> None:
     """The serving code's warnings as one line each; the flow's per-request lines (the
     probe's answers are checked and reported by ``check``) and the libraries' notices off."""
     logger = logging.getLogger("tsexplain")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("build_mar.sh: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING)

@@ -1,10 +1,18 @@
-"""build_mar.sh: user models are checked at build time, with clear errors."""
+"""build_mar.sh: a MAR that builds, loads. The build loads the model and explains a probe
+input as the worker will, and fails there, with the message the worker would give, one
+line and exit status 2, no traceback, and no MAR left behind."""
 import json
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
+import yaml
+
+import build_mar
+from tiny_vision import scripted, tiny_cnn, write_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -13,21 +21,121 @@ def run_build(*args):
     return subprocess.run([str(ROOT / "build_mar.sh"), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
+def build(capsys, tmp_path, *args) -> tuple[int, str]:
+    """``build_mar.main`` in this process: (exit status, stderr)."""
+    try:
+        build_mar.main([*map(str, args), "--export-path", str(tmp_path / "store")])
+        status = 0
+    except SystemExit as exc:
+        status = exc.code
+    return status, capsys.readouterr().err
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    source, weights, _ = tiny_cnn(tmp_path / "user")
+    return source, weights, write_labels(tmp_path / "labels.json")
+
+
+def config(tmp_path, content: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_a_failed_build_is_one_line_exit_2_and_leaves_no_mar(tmp_path, cnn):
+    """Through the shell script, as a user runs it: a config typo fails the build."""
+    source, weights, labels = cnn
+    result = run_build("image", "--name", "m", "--model-file", source, "--weights", weights, "--labels", labels,
+                       "--config", config(tmp_path, {"explain": {"topk": 3}}), "--export-path", tmp_path / "store")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("build_mar.sh: error:")]
+    assert len(errors) == 1 and "unknown setting(s) ['topk'] in 'explain'" in errors[0], result.stderr
+    assert not (tmp_path / "store" / "m.mar").exists()
+
+
 def test_weights_that_do_not_fit_the_labels_fail_at_build(tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "w.pt")
     (tmp_path / "labels.json").write_text(json.dumps({"0": "a", "1": "b"}))
     result = run_build("image", "--name", "m", "--architecture", "resnet18", "--weights", tmp_path / "w.pt",
                        "--labels", tmp_path / "labels.json", "--export-path", tmp_path / "store")
-    assert result.returncode != 0
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "do not fit resnet18(num_classes=2)" in result.stderr and "2 classes" in result.stderr
     assert not (tmp_path / "store" / "m.mar").exists()
 
 
-def test_unknown_architecture_and_missing_hf_folder(tmp_path):
-    (tmp_path / "labels.json").write_text(json.dumps({"0": "a"}))
-    torch.save({}, tmp_path / "w.pt")
-    result = run_build("image", "--name", "m", "--architecture", "resnet19", "--weights", tmp_path / "w.pt",
-                       "--labels", tmp_path / "labels.json", "--export-path", tmp_path / "store")
-    assert result.returncode != 0 and "unknown torchvision architecture 'resnet19'" in result.stderr
-    result = run_build("text", "--name", "t", "--model-dir", tmp_path, "--export-path", tmp_path / "store")
-    assert result.returncode != 0 and "not a Hugging Face model directory" in result.stderr
+@pytest.mark.parametrize("case,message", [
+    ("typo", "unknown setting(s) ['topk'] in 'explain'"),
+    ("bad value", "explain.n_steps must be an int in [1, max_n_steps]"),
+    ("two classes", "must define exactly one class (TorchServe builds it without arguments); it defines ['A', 'B']"),
+    ("torchscript as weights", "is a TorchScript file, not a state dict: package it as TorchScript"),
+    ("labels", "the labels name 2 classes, the model outputs 3"),
+    ("forward fails", "the model failed on a probe input: RuntimeError"),
+    ("async batch", "asyncCommunication: true needs batchSize: 1 (got 4)"),
+    ("not spatial", "target layer 'head'"),
+    ("torchscript gradcam", "probe: method gradcam failed (422 method_unsupported): method 'gradcam' needs forward "
+                            "hooks on a layer, which a TorchScript model does not support"),
+    ("unknown architecture", "unknown torchvision architecture 'resnet19'"),
+    ("missing file", "--weights"),
+    ("two kinds", "image: give one of --architecture, --timm, --model-file, --hf-model-dir, --torchscript "
+                  "(got --architecture, --model-file)"),
+])
+def test_each_failure_mode_is_named(capsys, tmp_path, cnn, case, message):
+    source, weights, labels = cnn
+    args = ["image", "--name", "m", "--model-file", source, "--weights", weights, "--labels", labels]
+    if case == "typo":
+        args += ["--config", config(tmp_path, {"explain": {"topk": 3}})]
+    elif case == "bad value":
+        args += ["--config", config(tmp_path, {"explain": {"methods": ["gradcam", "layer_ig"], "n_steps": 0}})]
+    elif case == "two classes":
+        source.write_text(source.read_text() + "\n\nclass B(nn.Module):\n    pass\n")
+        source.write_text(source.read_text().replace("class TinyNet", "class A"))
+    elif case == "torchscript as weights":
+        _, _, model = tiny_cnn(tmp_path / "other")
+        args[6] = scripted(model, tmp_path / "s.pt")
+    elif case == "labels":
+        args[-1] = write_labels(tmp_path / "two.json", ("a", "b"))
+    elif case == "forward fails":
+        source.write_text(source.read_text().replace("nn.Conv2d(3, 8", "nn.Conv2d(1, 8"))
+        args = args[:5] + args[7:]  # no weights: the class's own init
+    elif case == "async batch":
+        args += ["--config", config(tmp_path, {"asyncCommunication": True, "batchSize": 4})]
+    elif case == "not spatial":
+        args += ["--config", config(tmp_path, {"explain": {"target_layer": "head"}})]
+    elif case == "torchscript gradcam":
+        _, _, model = tiny_cnn(tmp_path / "other")
+        args = ["image", "--name", "m", "--torchscript", scripted(model, tmp_path / "s.pt"), "--labels", labels,
+                "--config", config(tmp_path, {"explain": {"methods": ["integrated_gradients", "gradcam"]}})]
+    elif case == "unknown architecture":
+        args = ["image", "--name", "m", "--architecture", "resnet19", "--weights", weights, "--labels", labels]
+    elif case == "missing file":
+        args[6] = tmp_path / "nope.pt"
+    elif case == "two kinds":
+        args += ["--architecture", "resnet18"]
+    status, err = build(capsys, tmp_path, *args)
+    assert status == 2, err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "store" / "m.mar").exists()
+    sys.modules.pop("model", None)
+
+
+def test_text_folder_problems_are_named(capsys, tmp_path):
+    status, err = build(capsys, tmp_path, "text", "--name", "t", "--model-dir", tmp_path)
+    assert status == 2 and "not a Hugging Face model directory (no config.json)" in err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    status, err = build(capsys, tmp_path, "text", "--name", "t", "--model-dir", tmp_path)
+    assert status == 2 and "not a Hugging Face sequence classifier with its tokenizer" in err, err
+
+
+def test_asynccommunication_gets_batch_size_one_unless_set(capsys, tmp_path, cnn):
+    source, weights, labels = cnn
+    status, _ = build(capsys, tmp_path, "image", "--name", "m", "--model-file", source, "--weights", weights,
+                      "--labels", labels, "--config", config(tmp_path, {"asyncCommunication": True}))
+    assert status == 0
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "store" / "m.mar") as mar:
+        packed = yaml.safe_load(mar.read("model-config.yaml"))
+    assert packed["asyncCommunication"] is True and packed["batchSize"] == 1
+    sys.modules.pop("model", None)

@@ -142,7 +142,7 @@ def model_file_classifier(model_dir: os.PathLike, model_file: str, weights_path:
     if not (model_dir / model_file).is_file():
         raise ConfigError(f"model file {model_file!r} is not in the MAR")
     module_name = Path(model_file).stem
-    _forget_foreign_module(module_name, model_dir)
+    _forget_user_module(module_name)
     added = str(model_dir) not in sys.path
     if added:  # TorchServe's worker has the model folder on its path already
         sys.path.insert(0, str(model_dir))
@@ -169,16 +169,16 @@ def model_file_classifier(model_dir: os.PathLike, model_file: str, weights_path:
     return model
 
 
-def _forget_foreign_module(name: str, model_dir: Path) -> None:
-    """Drop an earlier user module of the same name from another folder (a build that
-    loaded another MAR's ``model.py`` in this process), so that this MAR's is imported."""
+def _forget_user_module(name: str) -> None:
+    """Drop an earlier user module of the same name (a build that loaded another MAR's, or
+    an earlier version of this one's, ``model.py`` in this process), so that the model
+    folder's file is imported afresh. Installed modules are left alone."""
     module = sys.modules.get(name)
     origin = getattr(module, "__file__", None)
     if not origin:
         return
     folder = Path(origin).resolve().parent
-    installed = any(folder.is_relative_to(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix})
-    if folder != model_dir.resolve() and not installed:
+    if not any(folder.is_relative_to(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix}):
         del sys.modules[name]
 
 
@@ -263,8 +263,12 @@ def load_text_classifier(model_path: Path, device: torch.device):
 
     if not (Path(model_path) / "config.json").exists():
         raise ConfigError(f"no Hugging Face model at {str(model_path)!r} (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{Path(model_path).name}: not a Hugging Face sequence classifier with its tokenizer "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return model.to(device).eval(), tokenizer
 
 

@@ -61,7 +61,7 @@ def check_model(modality: str, model_dir: os.PathLike, manifest_model: Mapping[s
         model = load_image_model(model_dir, manifest_model, settings.handler, device)
         from .runners.image import ImageRunner
 
-        runner = ImageRunner(model, model, mapping, settings, device)
+        runner = _built(ImageRunner, model, model, mapping, settings, device)
         if mapping and len(mapping) != len(runner.labels):
             raise ConfigError(f"the labels name {len(mapping)} classes, the model outputs {len(runner.labels)}")
         payload, layer = _probe_image(settings), runner.layer_name
@@ -69,13 +69,23 @@ def check_model(modality: str, model_dir: os.PathLike, manifest_model: Mapping[s
         model, tokenizer = load_text_classifier(os.path.join(model_dir, settings.handler.model_path), device)
         from .runners.text import TextRunner
 
-        runner = TextRunner(model, tokenizer, model, tokenizer, settings, device)
+        runner = _built(TextRunner, model, tokenizer, model, tokenizer, settings, device)
         payload, layer = PROBE_TEXT, None
     else:
         raise ValueError(f"unknown modality {modality!r}")
     answers = probe(runner, settings, payload)
     uses_timm = not is_scripted(model) and any(type(m).__module__.startswith("timm.") for m in model.modules())
     return ProbeReport(modality, list(runner.labels), list(settings.explain.methods), layer, uses_timm, answers)
+
+
+def _built(runner_class, *args):
+    """The runner, or a ConfigError saying how the model failed on its first (probe) input."""
+    try:
+        return runner_class(*args)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model: say what it raised
+        raise ConfigError(f"the model failed on a probe input: {type(exc).__name__}: {exc}") from None
 
 
 def probe(runner, settings: ModelSettings, payload: str) -> dict:
