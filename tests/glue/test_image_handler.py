@@ -68,14 +68,26 @@ def test_heatmap_equals_core_gradcam_on_the_loaded_model(handler):
 
 
 def test_input_size_heatmap_and_overlay(handler):
+    """At the input size the map is normalised again (peak exactly 1, as at the feature size:
+    bilinear upsampling lowers a peak that lies inside the grid), and the overlay, drawn at the
+    original size, reaches the full heat colour there too."""
     image = picture(4, size=(150, 100))
     request = {"data": base64.b64encode(png(image)).decode(), "outputs": ["heatmap", "overlay_png"],
-               "heatmap_size": "input", "target": 1}
+               "heatmap_size": "input", "target": 2}
     [(status, body)] = handler([(request, EXPLAIN)])
+    [(_, feature)] = handler([({**request, "heatmap_size": "feature", "outputs": ["heatmap"]}, EXPLAIN)])
     assert status == 200
     assert body["explanation"]["heatmap"]["shape"] == [64, 64]
+    values = np.array(body["explanation"]["heatmap"]["values"])
+    cells = np.array(feature["explanation"]["heatmap"]["values"])
+    peak = np.unravel_index(cells.argmax(), cells.shape)
+    assert 0 < peak[0] < 7 and 0 < peak[1] < 7  # inside the grid: plain upsampling would not reach 1 here
+    assert values.max() == 1.0 and values.min() == 0.0
     overlay = Image.open(io.BytesIO(base64.b64decode(body["explanation"]["overlay_png"])))
     assert overlay.format == "PNG" and overlay.size == image.size
+    drawn, original = np.asarray(overlay.convert("RGB"), dtype=float), np.asarray(image, dtype=float)
+    full_heat = 0.4 * original + 0.6 * np.array([255.0, 0.0, 0.0])  # overlay_alpha 0.6 of red at heat 1
+    assert (np.abs(drawn - full_heat).max(axis=2) <= 2).any()
 
 
 def test_each_request_answered_as_if_alone(handler):
