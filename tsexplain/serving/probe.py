@@ -32,7 +32,7 @@ from .policy import ExplanationGate
 from .schema import IMAGE, TEXT
 from .settings import ModelSettings, load_settings
 
-PROBE_TEXT = "a short probe sentence, to check that the model explains"
+PROBE_TEXT = "probe"  # one word: within any explain.occlusion_max_words
 
 
 @dataclass
@@ -70,7 +70,7 @@ def check_model(modality: str, model_dir: os.PathLike, manifest_model: Mapping[s
         from .runners.text import TextRunner
 
         runner = _built(TextRunner, model, tokenizer, model, tokenizer, settings, device)
-        payload, layer = PROBE_TEXT, None
+        payload, layer = PROBE_TEXT[: settings.handler.max_text_chars], None
     else:
         raise ValueError(f"unknown modality {modality!r}")
     answers = probe(runner, settings, payload)
