@@ -172,9 +172,9 @@ def reference_model(zoo, name):
 
     folder = user / "vit" if name == "vit" else extra / "swin"
     model = Logits(AutoModelForImageClassification.from_pretrained(folder))
-    if name == "vit":
-        last = len(model.model.vit.encoder.layer) - 1
-        return model, hf_preprocessing(folder), f"model.vit.encoder.layer.{last}.layernorm_before", \
+    if name == "vit":  # transformers 5: vit.layers (4: vit.encoder.layer)
+        last = len(model.model.vit.layers) - 1
+        return model, hf_preprocessing(folder), f"model.vit.layers.{last}.layernorm_before", \
             lambda t: vit_reshape(t, 4, 4)
     last = len(model.model.swin.encoder.layers) - 1
     return model, hf_preprocessing(folder), f"model.swin.encoder.layers.{last}", swin_reshape
