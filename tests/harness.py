@@ -73,6 +73,20 @@ def imports_from_mar_only(mar_dir: Path, modules: list[str], cwd: Path) -> subpr
                           env=without_repo_env())
 
 
+def initializes_from_mar_only(mar_dir: Path, module: str, class_name: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Initialize the MAR's handler as TorchServe's worker does (model loaded, runner built),
+    in a Python without this repository and with only ``mar_dir`` added; prints ``ok``."""
+    code = WITHOUT_REPO + (
+        "import json, os; d = sys.argv[1]; sys.path.insert(0, d); import yaml; from ts.context import Context; "
+        "m = json.load(open(os.path.join(d, 'MAR-INF', 'MANIFEST.json'))); "
+        "config = yaml.safe_load(open(os.path.join(d, m['model']['configFile']))); "
+        "c = Context(m['model']['modelName'], d, m, 1, None, '0.12.0', model_yaml_config=config); "
+        f"import {module}; h = {module}.{class_name}(); h.initialize(c); import tsexplain, tsexplain.serving.models; "
+        "assert tsexplain.serving.models.__file__.startswith(d); print('ok')")
+    return subprocess.run([sys.executable, "-c", code, str(mar_dir)], cwd=cwd, capture_output=True, text=True,
+                          env=without_repo_env())
+
+
 def unpack(mar: Path, dest: Path) -> Path:
     with zipfile.ZipFile(mar) as archive:
         archive.extractall(dest)

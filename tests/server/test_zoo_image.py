@@ -25,7 +25,7 @@ from torchvision import transforms
 
 import build_mar
 from cam_reference import reference_maps, swin_reshape, vit_reshape
-from harness import png
+from harness import initializes_from_mar_only, png, unpack
 from tiny_vision import hf_image_classifier, scripted, timm_model, tiny_cnn, write_labels
 from tsexplain.attr.image_ig import sum_pool
 
@@ -254,3 +254,15 @@ def test_timm_mars_declare_timm_and_load_in_their_venv(zoo):
             assert yaml.safe_load(mar.read("model-config.yaml"))["useVenv"] is venv
     ts_log = (zoo["server"].workdir / "logs" / "ts_log.log").read_text(errors="replace")
     assert ts_log.count("Created virtual environment for model") == 2, ts_log[-3000:]
+
+
+@pytest.mark.parametrize("name,module,handler", [("by-hand", "image_explainer", "ImageExplainer"),
+                                                 ("tinynet-ts", "image_explainer", "ImageExplainer"),
+                                                 ("vit", "image_explainer", "ImageExplainer"),
+                                                 ("reviews", "text_explainer", "TextExplainer")])
+def test_mars_load_without_this_repository(zoo, name, module, handler, tmp_path):
+    """Unpacked, each MAR (by hand and by build_mar.sh) loads its model and builds its runner
+    with only its own folder on the path: no PYTHONPATH, no editable install of this package."""
+    folder = unpack(zoo["user"] / "model_store" / f"{name}.mar", tmp_path / name)
+    result = initializes_from_mar_only(folder, module, handler, tmp_path)
+    assert result.stdout.strip().endswith("ok"), result.stderr[-3000:]

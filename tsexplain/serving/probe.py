@@ -48,13 +48,15 @@ class ProbeReport:
 
 
 def check_model(modality: str, model_dir: os.PathLike, manifest_model: Mapping[str, Any], config: Mapping[str, Any],
-                model_name: str, mapping: Optional[dict] = None, device: torch.device | str = "cpu") -> ProbeReport:
+                model_name: str, mapping: Optional[dict] = None, device: torch.device | str = "cpu",
+                environ: Optional[Mapping[str, str]] = None) -> ProbeReport:
     """Load the model in ``model_dir`` (a MAR's files; ``manifest_model``: the manifest's
     ``model`` entry) as the worker does and explain a probe input with every enabled
     method. ``config``: the model config YAML; ``mapping``: index_to_name.json, as
-    TorchServe reads it. Raises ConfigError with the worker's message."""
+    TorchServe reads it; ``environ``: stand-ins for settings only the server's environment
+    gives (default none). Raises ConfigError with the worker's message."""
     device = torch.device(device)
-    settings = load_settings(modality, config, model_name, {})
+    settings = load_settings(modality, config, model_name, environ or {})
     if config.get("asyncCommunication") is True:
         check_async_batch_size(int(config.get("batchSize", 1)))
     if modality == IMAGE:
