@@ -139,3 +139,24 @@ def test_asynccommunication_gets_batch_size_one_unless_set(capsys, tmp_path, cnn
         packed = yaml.safe_load(mar.read("model-config.yaml"))
     assert packed["asyncCommunication"] is True and packed["batchSize"] == 1
     sys.modules.pop("model", None)
+
+
+def test_a_model_file_with_its_own_modules_and_requirements(capsys, tmp_path, cnn):
+    """--extra-files puts the modules the model file imports beside it; --requirements lines
+    go into the MAR's requirements.txt, which then turns on the model's virtual environment."""
+    import zipfile
+
+    source, weights, labels = cnn
+    (tmp_path / "blocks.py").write_text(source.read_text().replace("class TinyNet", "class Body"))
+    source.write_text("from blocks import Body\n\n\nclass Wrapped(Body):\n    pass\n")
+    (tmp_path / "req.txt").write_text("einops==0.8.1\n")
+    status, err = build(capsys, tmp_path, "image", "--name", "m", "--model-file", source, "--weights", weights,
+                        "--labels", labels, "--extra-files", tmp_path / "blocks.py", "--requirements",
+                        tmp_path / "req.txt")
+    assert status == 0, err
+    with zipfile.ZipFile(tmp_path / "store" / "m.mar") as mar:
+        assert {"model.py", "blocks.py", "tinynet.pt", "requirements.txt"} <= set(mar.namelist())
+        assert mar.read("requirements.txt").decode() == "einops==0.8.1\n"
+        assert yaml.safe_load(mar.read("model-config.yaml"))["useVenv"] is True
+    for name in ("model", "blocks"):
+        sys.modules.pop(name, None)
