@@ -14,7 +14,8 @@ from PIL import Image
 
 from ...attr.cam import GradCAM
 from ...attr.image_ig import ImageIG, sum_pool
-from ...attr.layers import feature_map_shape, find_layout, find_target_layer, get_layer, grid_reshape
+from ...attr.layer_choice import choose_layer, probe_input
+from ...attr.layers import get_layer
 from ...attr.names import CAM_METHODS
 from ..errors import ConfigError
 from ..images import decode_image, render_overlay, resize_map
@@ -51,7 +52,9 @@ class ImageRunner(Runner):
         device: where the model is.
 
     Raises:
-        ConfigError: no usable target layer, or one whose output is not a spatial map.
+        ConfigError: no usable target layer: the configured or automatic one is not a
+            spatial grid of the input (:func:`tsexplain.attr.layer_choice.choose_layer`);
+            the message lists the candidates.
     """
 
     modality = IMAGE
@@ -67,7 +70,7 @@ class ImageRunner(Runner):
         handler, explain = settings.handler, settings.explain
         self.preprocessing = handler.preprocessing()
         width, height = self.preprocessing.input_size(1024, 1024)
-        example = torch.zeros(1, 3, height, width, device=device)
+        example = probe_input(height, width, device=device)
         with torch.inference_mode():
             num_classes = model(example).shape[1]
         self.labels = [(mapping or {}).get(str(i), str(i)) for i in range(num_classes)]
@@ -76,24 +79,21 @@ class ImageRunner(Runner):
         if is_scripted(model):
             self._without_hooks(explained_model, height, width)
             return
+        # The layer is proven on the probe (a spatial grid of the input whose cells get
+        # gradient and look where they sit), or the model does not load.
         try:
-            self.layer_name = explain.target_layer or find_target_layer(model, example)
-            layer = get_layer(explained_model, self.layer_name)
+            grid = choose_layer(explained_model, example, explain.target_layer, explain.feature_layout)
         except ValueError as exc:
-            raise ConfigError(f"{exc} (set explain.target_layer)") from None
-        layout = find_layout(explained_model) if explain.feature_layout == "auto" else explain.feature_layout
-        try:
-            shape = feature_map_shape(explained_model, layer, example, grid_reshape(layout))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"target layer {self.layer_name!r} (feature_layout {layout}): {exc}") from None
-        if len(shape) != 4:
-            raise ConfigError(f"target layer {self.layer_name!r} outputs shape {shape}, not [N, C, h, w]")
-        self.feature_size = (shape[2], shape[3])
-        self.gradcam = GradCAM(explained_model, layer, layout)
-        self.integrated = {"layer_ig": ImageIG(explained_model, layer, layout),
+            raise ConfigError(f"{exc}. Set explain.target_layer to the dotted name of a layer whose output is a "
+                              "spatial grid, and explain.feature_layout to its layout (nchw, nhwc or tokens)") from None
+        self.layer_name = grid.name
+        layer = get_layer(explained_model, grid.name)
+        self.feature_size = (grid.height, grid.width)
+        self.gradcam = GradCAM(explained_model, layer, grid)
+        self.integrated = {"layer_ig": ImageIG(explained_model, layer, grid),
                            "integrated_gradients": ImageIG(explained_model)}
-        logger.info("explanations on %s (%s): %dx%d cells for %dx%d input; methods %s", self.layer_name, layout,
-                    shape[2], shape[3], height, width, ",".join(explain.methods))
+        logger.info("explanations on %s for %dx%d input (localisation %s); methods %s", grid, height, width,
+                    grid.localisation, ",".join(explain.methods))
 
     def _without_hooks(self, explained_model: torch.nn.Module, height: int, width: int) -> None:
         """A TorchScript model: no hooks, so no layer. Input IG works through autograd; the
