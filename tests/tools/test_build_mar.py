@@ -73,7 +73,7 @@ def test_weights_that_do_not_fit_the_labels_fail_at_build(tmp_path):
     ("labels", "the labels name 2 classes, the model outputs 3"),
     ("forward fails", "the model failed on a probe input: RuntimeError"),
     ("async batch", "asyncCommunication: true needs batchSize: 1 (got 4)"),
-    ("not spatial", "target layer 'head'"),
+    ("not spatial", "layer 'head' is not a spatial grid: it outputs [1, 3] for a 224x224 input"),
     ("torchscript gradcam", "probe: method gradcam failed (422 method_unsupported): method 'gradcam' needs forward "
                             "hooks on a layer, which a TorchScript model does not support"),
     ("unknown architecture", "unknown torchvision architecture 'resnet19'"),
