@@ -21,14 +21,15 @@ def run_build(*args):
     return subprocess.run([str(ROOT / "build_mar.sh"), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
-def build(capsys, tmp_path, *args) -> tuple[int, str]:
-    """``build_mar.main`` in this process: (exit status, stderr)."""
+def build(capsys, tmp_path, *args, output=False):
+    """``build_mar.main`` in this process: (exit status, stderr[, stdout])."""
     try:
         build_mar.main([*map(str, args), "--export-path", str(tmp_path / "store")])
         status = 0
     except SystemExit as exc:
         status = exc.code
-    return status, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return (status, captured.err, captured.out) if output else (status, captured.err)
 
 
 @pytest.fixture
@@ -160,3 +161,26 @@ def test_a_model_file_with_its_own_modules_and_requirements(capsys, tmp_path, cn
         assert yaml.safe_load(mar.read("model-config.yaml"))["useVenv"] is True
     for name in ("model", "blocks"):
         sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("family,layer", [("deit", "model.deit.layers.1.layernorm_before"),
+                                          ("convnext", "model.convnext.encoder.stages.1"),
+                                          ("resnet", "model.resnet.encoder.stages.1")])
+def test_hugging_face_image_families_build_with_their_processor_and_layer(capsys, tmp_path, family, layer):
+    """The Hugging Face families the zoo does not serve (it serves ViT and Swin): labels from
+    id2label, preprocessing from the processor config, the known-good layer, every CAM method
+    explained by the build's check."""
+    import zipfile
+
+    from tiny_vision import hf_image_classifier
+
+    folder = hf_image_classifier(family, tmp_path / family)
+    status, err, out = build(capsys, tmp_path, "image", "--name", family, "--hf-model-dir", folder, output=True)
+    assert status == 0, err
+    assert f"checked {family}: 3 classes, layer {layer}; a probe input explained with gradcam, gradcam++, layercam" in out
+    with zipfile.ZipFile(tmp_path / "store" / f"{family}.mar") as mar:
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+        assert json.loads(mar.read("index_to_name.json")) == {"0": "cat", "1": "dog", "2": "owl"}
+        assert any(name.startswith("hf_model/") for name in mar.namelist())
+    assert config["handler"]["model_path"] == "hf_model"
+    assert config["handler"]["interpolation"] == "bicubic" and config["handler"]["crop"] in ([32, 32], 32)
