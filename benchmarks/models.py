@@ -140,7 +140,7 @@ def stage_image(name: str, export: Path, architecture: str, weights: Path, label
     stock_handler = str(STOCK / "image_classifier_sized.py") if stock_sized else "image_classifier"
     stage_pair(name, export,
                ours=dict(handler=str(ROOT / "handlers" / "image_explainer.py"), extra=extra, config=ours_config,
-                         model_file=ROOT / "handlers" / "torchvision_model.py", serialized_file=weights),
+                         model_file=ROOT / "handlers" / "named_model.py", serialized_file=weights),
                stock=dict(handler=stock_handler, extra=labels, config={"image_size": image_size},
                           model_file=model_file, serialized_file=weights))
 

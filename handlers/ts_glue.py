@@ -52,10 +52,11 @@ from ts.service import Service
 
 from tsexplain.serving.audit import AuditTrail
 from tsexplain.serving.cache import ExplanationCache, fingerprint_files, model_version
-from tsexplain.serving.concurrency import MicroBatcher, Overloaded, shared_weights_copy
+from tsexplain.serving.concurrency import MicroBatcher, Overloaded, check_async_batch_size, shared_weights_copy
 from tsexplain.serving.errors import ConfigError, RequestError
 from tsexplain.serving.answers import JSON_CONTENT_TYPE, Answer
 from tsexplain.serving.flow import ExplainFlow, Metrics, Row
+from tsexplain.serving.models import is_scripted
 from tsexplain.serving.policy import ExplanationGate, lower_case_headers
 from tsexplain.serving.settings import load_settings
 from tsexplain.serving.tokens import ExplainTokens, parse_token_specs
@@ -243,10 +244,7 @@ class ExplainHandler:
         config = getattr(context, "model_yaml_config", None) or {}
         if config.get("asyncCommunication") is not True:
             return False
-        batch_size = int(context.system_properties.get("batch_size") or 1)
-        if batch_size != 1:
-            raise ConfigError(f"asyncCommunication: true needs batchSize: 1 (got {batch_size}): the worker then "
-                              "batches requests itself (explain.async_batch_size, async_max_batch_delay_ms)")
+        check_async_batch_size(int(context.system_properties.get("batch_size") or 1))
         if self.foreign_envelope:
             raise ConfigError("asyncCommunication: true works with no service_envelope or KServe's only")
         if not serialize_worker_socket(context):
@@ -256,8 +254,10 @@ class ExplainHandler:
 
     def explained_copy(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model the explainers use: ``model``, or with concurrent explanations a copy
-        of its module tree over the same weights (hooks on it never touch a prediction)."""
-        if not self.concurrent:
+        of its module tree over the same weights (hooks on it never touch a prediction).
+        A TorchScript model cannot be copied that way, and needs no copy: no hook is ever
+        put on it (it serves input IG alone), so both lanes run the same module."""
+        if not self.concurrent or is_scripted(model):
             return model
         try:
             return shared_weights_copy(model)

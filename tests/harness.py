@@ -6,6 +6,7 @@ import io
 import json
 import re
 import struct
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -45,6 +46,45 @@ def build_image_mar(tmp: Path, name: str, architecture: str = "resnet18", labels
     build_mar.main(["image", "--name", name, "--architecture", architecture, "--weights", str(weights),
                     "--labels", str(label_file), "--config", str(config_file), "--export-path", str(tmp / "store")])
     return tmp / "store" / f"{name}.mar"
+
+
+# Python run as on a machine without this repository: no PYTHONPATH, and the editable
+# install's finder (which resolves any ``tsexplain.*`` module to the checkout, even a
+# submodule missing from a MAR's own ``tsexplain/``) taken off ``sys.meta_path``.
+WITHOUT_REPO = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if not getattr("
+                "f if isinstance(f, type) else type(f), '__module__', '').startswith('__editable__')]; ")
+
+
+def without_repo_env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def imports_from_mar_only(mar_dir: Path, modules: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Import ``modules`` with only ``mar_dir`` added to a Python without this repository;
+    prints ``ok`` when each came from the MAR and ``tsexplain.tools`` cannot be found."""
+    code = WITHOUT_REPO + (
+        "sys.path.insert(0, sys.argv[1]); import importlib, importlib.util; "
+        f"mods = [importlib.import_module(m) for m in {modules!r}]; "
+        "bad = [m.__name__ for m in mods if not m.__file__.startswith(sys.argv[1])]; assert not bad, bad; "
+        "assert importlib.util.find_spec('tsexplain.tools') is None; print('ok')")
+    return subprocess.run([sys.executable, "-c", code, str(mar_dir)], cwd=cwd, capture_output=True, text=True,
+                          env=without_repo_env())
+
+
+def initializes_from_mar_only(mar_dir: Path, module: str, class_name: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Initialize the MAR's handler as TorchServe's worker does (model loaded, runner built),
+    in a Python without this repository and with only ``mar_dir`` added; prints ``ok``."""
+    code = WITHOUT_REPO + (
+        "import json, os; d = sys.argv[1]; sys.path.insert(0, d); import yaml; from ts.context import Context; "
+        "m = json.load(open(os.path.join(d, 'MAR-INF', 'MANIFEST.json'))); "
+        "config = yaml.safe_load(open(os.path.join(d, m['model']['configFile']))); "
+        "c = Context(m['model']['modelName'], d, m, 1, None, '0.12.0', model_yaml_config=config); "
+        f"import {module}; h = {module}.{class_name}(); h.initialize(c); import tsexplain, tsexplain.serving.models; "
+        "assert tsexplain.serving.models.__file__.startswith(d); print('ok')")
+    return subprocess.run([sys.executable, "-c", code, str(mar_dir)], cwd=cwd, capture_output=True, text=True,
+                          env=without_repo_env())
 
 
 def unpack(mar: Path, dest: Path) -> Path:

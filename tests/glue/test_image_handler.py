@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import EXPLAIN, InProcessHandler, build_image_mar, png, unpack
+from harness import EXPLAIN, InProcessHandler, build_image_mar, imports_from_mar_only, png, unpack
 
 LABELS = ("cat", "dog", "owl")
 
@@ -68,14 +68,26 @@ def test_heatmap_equals_core_gradcam_on_the_loaded_model(handler):
 
 
 def test_input_size_heatmap_and_overlay(handler):
+    """At the input size the map is normalised again (peak exactly 1, as at the feature size:
+    bilinear upsampling lowers a peak that lies inside the grid), and the overlay, drawn at the
+    original size, reaches the full heat colour there too."""
     image = picture(4, size=(150, 100))
     request = {"data": base64.b64encode(png(image)).decode(), "outputs": ["heatmap", "overlay_png"],
-               "heatmap_size": "input", "target": 1}
+               "heatmap_size": "input", "target": 2}
     [(status, body)] = handler([(request, EXPLAIN)])
+    [(_, feature)] = handler([({**request, "heatmap_size": "feature", "outputs": ["heatmap"]}, EXPLAIN)])
     assert status == 200
     assert body["explanation"]["heatmap"]["shape"] == [64, 64]
+    values = np.array(body["explanation"]["heatmap"]["values"])
+    cells = np.array(feature["explanation"]["heatmap"]["values"])
+    peak = np.unravel_index(cells.argmax(), cells.shape)
+    assert 0 < peak[0] < 7 and 0 < peak[1] < 7  # inside the grid: plain upsampling would not reach 1 here
+    assert values.max() == 1.0 and values.min() == 0.0
     overlay = Image.open(io.BytesIO(base64.b64decode(body["explanation"]["overlay_png"])))
     assert overlay.format == "PNG" and overlay.size == image.size
+    drawn, original = np.asarray(overlay.convert("RGB"), dtype=float), np.asarray(image, dtype=float)
+    full_heat = 0.4 * original + 0.6 * np.array([255.0, 0.0, 0.0])  # overlay_alpha 0.6 of red at heat 1
+    assert (np.abs(drawn - full_heat).max(axis=2) <= 2).any()
 
 
 def test_each_request_answered_as_if_alone(handler):
@@ -132,18 +144,9 @@ def test_failed_explanation_answers_503_and_keeps_predictions(handler, monkeypat
 def test_mar_is_self_contained_and_carries_no_tools(model_dir, tmp_path):
     """The unpacked MAR imports its handler, the glue, the serving code and the maths
     from itself alone; the tools (client, launcher, evaluation) stay out of it."""
-    # A machine without this repo: no editable-install finder that maps ``tsexplain`` here.
-    code = (
-        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()];"
-        "sys.path.insert(0, sys.argv[1]);"
-        "import image_explainer, ts_glue, tsexplain.serving.flow as f, tsexplain.attr.cam as g;"
-        "assert g.__file__.startswith(sys.argv[1]) and f.__file__.startswith(sys.argv[1]), g.__file__;"
-        "import importlib.util; assert importlib.util.find_spec('tsexplain.tools') is None; print('ok')"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", code, str(model_dir)], cwd=tmp_path, capture_output=True, text=True,
-                            env=env)
+    result = imports_from_mar_only(model_dir, ["image_explainer", "ts_glue", "tsexplain.serving.flow",
+                                               "tsexplain.attr.cam"], tmp_path)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
     names = {p.name for p in model_dir.iterdir()}
-    assert {"image_explainer.py", "ts_glue.py", "tsexplain", "index_to_name.json", "pets.pt"} <= names
+    assert {"image_explainer.py", "ts_glue.py", "tsexplain", "index_to_name.json", "pets.pt", "named_model.py"} <= names
     assert {p.name for p in (model_dir / "tsexplain").iterdir()} == {"__init__.py", "attr", "serving"}

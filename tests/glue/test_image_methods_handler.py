@@ -89,6 +89,21 @@ def test_input_size_ig_map_is_full_resolution(handler):
     assert body["explanation"]["overlay_png"]
 
 
+@pytest.mark.parametrize("method", ["gradcam", "layercam", "layer_ig"])
+def test_input_size_maps_of_grid_methods_peak_at_one(handler, method):
+    """Upsampled from the 4x4 grid and normalised again: the peak is exactly 1 (CAM maps) or
+    ±1 (layer IG, whose ``scale`` is then that of the interpolated cells)."""
+    [(status, body)] = handler([(request(12, method=method, target="owl", heatmap_size="input"), EXPLAIN)])
+    [(_, cells)] = handler([(request(12, method=method, target="owl"), EXPLAIN)])
+    assert status == 200
+    values = np.array(body["explanation"]["heatmap"]["values"])
+    assert values.shape == (32, 32) and np.abs(values).max() == 1.0
+    if method != "layer_ig":
+        assert values.min() == 0.0
+    else:  # the interpolated cells never exceed the cells themselves
+        assert body["explanation"]["heatmap"]["scale"] <= cells["explanation"]["heatmap"]["scale"] * (1 + 1e-5)
+
+
 def test_mixed_batch_answers_each_as_if_alone_with_one_cam_pass(handler):
     reqs = [
         (png(picture(4)), {}),

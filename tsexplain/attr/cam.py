@@ -96,7 +96,9 @@ class GradCAM:
             in a forward pass, its last call is used.
         layout: how ``layer`` lays out its output: ``nchw`` (CNNs), ``nhwc``
             (Swin) or ``tokens`` (ViT: ``[N, 1 + h*w, C]`` with the class token
-            first). Maps are computed on the ``[N, C, h, w]`` grid.
+            first), or the :class:`~tsexplain.attr.layers.LayerGrid` that
+            :func:`~tsexplain.attr.layer_choice.inspect_layer` proved (its prefix
+            tokens and grid shape). Maps are computed on the ``[N, C, h, w]`` grid.
     """
 
     method = "gradcam"

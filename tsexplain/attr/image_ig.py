@@ -54,9 +54,10 @@ class ImageIG:
         model: a classifier returning ``[N, K]`` logits, in eval mode.
         layer: ``None`` for input attributions (``integrated_gradients``), else the
             module whose output is attributed (``layer_ig``).
-        layout: the layer's output layout (``nchw``, ``nhwc``, ``tokens``); see
-            :class:`tsexplain.attr.cam.GradCAM`. For ``tokens`` the class token's
-            share is left out of the map (it stays in the convergence delta).
+        layout: the layer's output layout (``nchw``, ``nhwc``, ``tokens`` or a
+            ``LayerGrid``); see :class:`tsexplain.attr.cam.GradCAM`. For ``tokens``
+            the prefix tokens' share is left out of the map (it stays in the
+            convergence delta).
     """
 
     def __init__(self, model: nn.Module, layer: Optional[nn.Module] = None, layout: str = "nchw"):

@@ -30,6 +30,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .errors import ConfigError
+
+
+def check_async_batch_size(batch_size: int) -> None:
+    """With ``asyncCommunication: true`` the frontend's ``batchSize`` must be 1: the worker
+    batches requests itself; with larger frontend batches one coroutine would answer them
+    all at once. Raises ConfigError otherwise (at load, and at build time)."""
+    if batch_size != 1:
+        raise ConfigError(f"asyncCommunication: true needs batchSize: 1 (got {batch_size}): the worker then "
+                          "batches requests itself (explain.async_batch_size, async_max_batch_delay_ms)")
+
 
 class Overloaded(Exception):
     """Raised by :meth:`MicroBatcher.submit` when ``max_pending`` requests are already in the worker."""

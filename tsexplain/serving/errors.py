@@ -45,6 +45,8 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "explanation_denied": (403, "the explanation policy, priority or token denies it"),
     "method_not_allowed": (403, "a known method not in explain.methods"),
     "too_many_explanations": (429, "more explanations in one batch than explain.max_per_batch"),
+    # the model
+    "method_unsupported": (422, "this model cannot run the method (a TorchScript model has no hooks: CAM methods, layer_ig)"),
     # the server
     "explanation_failed": (503, "the explanation failed on the server; the prediction was not affected"),
     "overloaded": (503, "more requests in the worker than explain.async_max_queued"),

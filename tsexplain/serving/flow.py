@@ -226,6 +226,8 @@ class ExplainFlow:
         if options["method"] not in explain.methods:
             raise RequestError(f"method {options['method']!r} is not allowed for this model; allowed: "
                                f"{list(explain.methods)}", "method_not_allowed")
+        if unit.route is not None and options["method"] in self.runner.unsupported_methods:
+            raise RequestError(self.runner.unsupported_methods[options["method"]], "method_unsupported")
         asked = request.deadline_ms
         if asked is not None and explain.deadline_ms is not None and asked > explain.deadline_ms:
             raise RequestError(f"'deadline_ms' may be at most {explain.deadline_ms} for this model", "bad_deadline_ms")

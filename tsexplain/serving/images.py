@@ -18,6 +18,7 @@ from .errors import RequestError
 Size = Union[int, Sequence[int]]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # resize filters, as torchvision's InterpolationMode names them
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -66,7 +67,8 @@ class Preprocessing:
     """Resize, centre crop and normalise, as torchvision's transforms do.
 
     ``resize``: an int resizes the shorter side (aspect kept), a pair ``[h, w]``
-    resizes exactly, ``None`` skips. ``crop``: an int or ``[h, w]`` centre crop,
+    resizes exactly, ``None`` skips; ``interpolation`` is its filter (one of
+    :data:`INTERPOLATIONS`, antialiased). ``crop``: an int or ``[h, w]`` centre crop,
     ``None`` skips. :meth:`crop_box` maps the model's input back to the original.
     """
 
@@ -74,6 +76,7 @@ class Preprocessing:
     crop: Size | None = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return TF.normalize(TF.to_tensor(self.geometry(image)), self.mean, self.std)
@@ -81,7 +84,8 @@ class Preprocessing:
     def geometry(self, image: Image.Image) -> Image.Image:
         """The resize and centre crop steps, on the PIL image."""
         if self.resize is not None:
-            image = TF.resize(image, _as_list(self.resize), antialias=True)
+            mode = TF.InterpolationMode(self.interpolation)
+            image = TF.resize(image, _as_list(self.resize), interpolation=mode, antialias=True)
         if self.crop is not None:
             image = TF.center_crop(image, _as_list(self.crop))
         return image
@@ -143,9 +147,17 @@ def _as_list(size: Size) -> list[int]:
 
 
 def resize_map(heatmap: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize of a ``[h, w]`` map, clipped back to [0, 1]."""
-    resized = F.interpolate(heatmap[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)
-    return resized[0, 0].clamp_(0.0, 1.0)
+    """Bilinear resize of a non-negative ``[h, w]`` map that keeps its range: bilinear
+    interpolation lowers a peak lying between output pixels, so the result is mapped
+    linearly back onto the map's own minimum and maximum (a min-max normalised map
+    peaks at exactly 1 at every size; a flat map stays flat)."""
+    source = heatmap.float()
+    resized = F.interpolate(source[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    low, high = float(source.min()), float(source.max())
+    got_low, got_high = resized.min(), resized.max()
+    if high <= low or got_high <= got_low:
+        return torch.full_like(resized, high)
+    return (resized - got_low) / (got_high - got_low) * (high - low) + low
 
 
 def render_overlay(image: Image.Image, heatmap: torch.Tensor, box: CropBox, max_alpha: float = 0.6) -> bytes:

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 from ..attr.names import BASELINES, CAM_METHODS, IMAGE_METHODS, INTEGRATION_METHODS, LAYOUTS, PRECISIONS, TEXT_METHODS
 from .audit.settings import AuditSettings
 from .config import check, env_names, is_int, is_size, load_section  # noqa: F401 (env_names, load_section: re-exported)
-from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .images import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
 from .policy import EXPLANATIONS, ROUTES
 from . import schema
 from .schema import HEATMAP_SIZES, IMAGE, IMAGE_OUTPUTS, MAX_DEADLINE_MS, MAX_N_STEPS, MAX_TOP_K, TEXT, Limits
@@ -133,24 +133,38 @@ class ExplainAccessSettings:
 class ImageModelSettings:
     """The ``handler:`` section of an image model: how to load and preprocess.
 
-    ``architecture`` names a torchvision classifier builder (``resnet18``); with it
-    the handler builds that architecture with ``num_classes`` outputs and loads the
-    MAR's serialized state dict. Without it, TorchServe's own loading applies.
+    The model (``tsexplain.serving.models``): ``architecture`` names a torchvision
+    classifier builder (``resnet18``), ``timm`` a timm model (``resnet18``), each built
+    with ``num_classes`` outputs and ``model_kwargs`` (``{img_size: 64}``), the MAR's
+    serialized state dict loaded into it; ``model_path`` is the folder of a Hugging Face
+    image classifier inside the MAR. With none of them, TorchServe's conventions apply:
+    a model file's one class and a state dict, or a TorchScript file.
+    ``interpolation``: the resize filter (``bilinear``, ``bicubic``, ``nearest``).
     """
 
     section = "handler"
     architecture: Optional[str] = None
+    timm: Optional[str] = None
+    model_path: Optional[str] = None
     num_classes: Optional[int] = None
+    model_kwargs: Optional[dict] = None
     resize: Any = 256
     crop: Any = 224
+    interpolation: str = "bilinear"
     mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list = field(default_factory=lambda: list(IMAGENET_STD))
     top_k: int = 5
     max_image_pixels: int = 40_000_000
 
     def __post_init__(self):
-        check(self.architecture is None or isinstance(self.architecture, str), "handler.architecture must be a string")
+        for name in ("architecture", "timm", "model_path"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, str) and value), f"handler.{name} must be a non-empty string")
         check(self.num_classes is None or is_int(self.num_classes, 1, 1_000_000), "handler.num_classes must be a positive int")
+        check(self.model_kwargs is None or (isinstance(self.model_kwargs, dict)
+               and all(isinstance(k, str) for k in self.model_kwargs)),
+               "handler.model_kwargs must be a mapping of keyword arguments")
+        check(self.interpolation in INTERPOLATIONS, f"handler.interpolation must be one of {list(INTERPOLATIONS)}")
         check(self.resize is None or is_size(self.resize), "handler.resize must be a positive int, [h, w] or null")
         check(self.crop is None or is_size(self.crop), "handler.crop must be a positive int, [h, w] or null")
         check(self.crop is not None or isinstance(self.resize, (list, tuple)),
@@ -167,7 +181,7 @@ class ImageModelSettings:
         check(is_int(self.max_image_pixels, 1, 1 << 34), "handler.max_image_pixels must be a positive int")
 
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.resize, self.crop, tuple(self.mean), tuple(self.std))
+        return Preprocessing(self.resize, self.crop, tuple(self.mean), tuple(self.std), self.interpolation)
 
 
 @dataclass(frozen=True)

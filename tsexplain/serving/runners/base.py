@@ -58,6 +58,8 @@ class Runner:
         explanation_fields: the request fields that change the explanation part of an
             answer (they are part of its cache key).
         log_fields: the explanation's fields that its log line shows (no values, no payloads).
+        unsupported_methods: methods this model cannot run, each with the reason its
+            requests are told (422 ``method_unsupported``).
     """
 
     modality: str
@@ -65,6 +67,7 @@ class Runner:
     fused_methods: frozenset = frozenset()
     explanation_fields: tuple = ()
     log_fields: tuple = ()
+    unsupported_methods: dict = {}
 
     def prepare(self, item: Item) -> None:
         """Set ``item.inputs`` from ``item.request.data``; RequestError for bad input."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,16 +15,20 @@ from PIL import Image
 
 from ...attr.cam import GradCAM
 from ...attr.image_ig import ImageIG, sum_pool
-from ...attr.layers import feature_map_shape, find_layout, find_target_layer, get_layer, grid_reshape
+from ...attr.layer_choice import choose_layer, probe_input
+from ...attr.layers import get_layer
 from ...attr.names import CAM_METHODS
 from ..errors import ConfigError
 from ..images import decode_image, render_overlay, resize_map
+from ..models import is_scripted
 from ..schema import IMAGE
 from ..settings import ModelSettings
 from .base import Item, Runner
 
 logger = logging.getLogger(__name__)
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+HOOK_METHODS = CAM_METHODS + ("layer_ig",)  # they hook a layer: not on TorchScript models
+SCRIPTED_CELL = 16  # pixels per heatmap cell of a TorchScript model's feature-size maps
 
 
 @dataclass
@@ -50,7 +55,9 @@ class ImageRunner(Runner):
         device: where the model is.
 
     Raises:
-        ConfigError: no usable target layer, or one whose output is not a spatial map.
+        ConfigError: no usable target layer: the configured or automatic one is not a
+            spatial grid of the input (:func:`tsexplain.attr.layer_choice.choose_layer`);
+            the message lists the candidates.
     """
 
     modality = IMAGE
@@ -66,29 +73,49 @@ class ImageRunner(Runner):
         handler, explain = settings.handler, settings.explain
         self.preprocessing = handler.preprocessing()
         width, height = self.preprocessing.input_size(1024, 1024)
-        example = torch.zeros(1, 3, height, width, device=device)
+        example = probe_input(height, width, device=device)
         with torch.inference_mode():
             num_classes = model(example).shape[1]
         self.labels = [(mapping or {}).get(str(i), str(i)) for i in range(num_classes)]
-        try:
-            self.layer_name = explain.target_layer or find_target_layer(model, example)
-            layer = get_layer(explained_model, self.layer_name)
-        except ValueError as exc:
-            raise ConfigError(f"{exc} (set explain.target_layer)") from None
-        layout = find_layout(explained_model) if explain.feature_layout == "auto" else explain.feature_layout
-        try:
-            shape = feature_map_shape(explained_model, layer, example, grid_reshape(layout))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"target layer {self.layer_name!r} (feature_layout {layout}): {exc}") from None
-        if len(shape) != 4:
-            raise ConfigError(f"target layer {self.layer_name!r} outputs shape {shape}, not [N, C, h, w]")
-        self.feature_size = (shape[2], shape[3])
+        if mapping and len(mapping) != num_classes:
+            logger.warning("index_to_name.json names %d classes, the model outputs %d", len(mapping), num_classes)
         self.precision = PRECISION_NAMES.get(next(model.parameters()).dtype, "fp32")  # no autocast for images
-        self.gradcam = GradCAM(explained_model, layer, layout)
-        self.integrated = {"layer_ig": ImageIG(explained_model, layer, layout),
+        if is_scripted(model):
+            self._without_hooks(explained_model, height, width)
+            return
+        # The layer is proven on the probe (a spatial grid of the input whose cells get
+        # gradient and look where they sit), or the model does not load.
+        try:
+            grid = choose_layer(explained_model, example, explain.target_layer, explain.feature_layout)
+        except ValueError as exc:
+            raise ConfigError(f"{exc}. Set explain.target_layer to the dotted name of a layer whose output is a "
+                              "spatial grid, and explain.feature_layout to its layout (nchw, nhwc or tokens)") from None
+        self.layer_name = grid.name
+        layer = get_layer(explained_model, grid.name)
+        self.feature_size = (grid.height, grid.width)
+        self.gradcam = GradCAM(explained_model, layer, grid)
+        self.integrated = {"layer_ig": ImageIG(explained_model, layer, grid),
                            "integrated_gradients": ImageIG(explained_model)}
-        logger.info("explanations on %s (%s): %dx%d cells for %dx%d input; methods %s", self.layer_name, layout,
-                    shape[2], shape[3], height, width, ",".join(explain.methods))
+        logger.info("explanations on %s for %dx%d input (localisation %s); methods %s", grid, height, width,
+                    grid.localisation, ",".join(explain.methods))
+
+    def _without_hooks(self, explained_model: torch.nn.Module, height: int, width: int) -> None:
+        """A TorchScript model: no hooks, so no layer. Input IG works through autograd; the
+        CAM methods and layer IG answer ``method_unsupported``. ``feature``-size maps pool
+        input IG into cells of ``SCRIPTED_CELL`` pixels (there is no layer grid to take)."""
+        self.layer_name = None
+        self.feature_size = (max(1, math.ceil(height / SCRIPTED_CELL)), max(1, math.ceil(width / SCRIPTED_CELL)))
+        self.gradcam = None
+        self.integrated = {"integrated_gradients": ImageIG(explained_model)}
+        self.unsupported_methods = {
+            method: (f"method {method!r} needs forward hooks on a layer, which a TorchScript model does not "
+                     "support; this model serves integrated_gradients (list it in explain.methods), or package "
+                     "the eager model (a model file and its state dict) for the CAM methods and layer_ig")
+            for method in HOOK_METHODS}
+        served = [m for m in self.settings.explain.methods if m not in HOOK_METHODS]
+        logger.info("TorchScript model: %dx%d input; served methods %s; %s answer method_unsupported", height, width,
+                    ",".join(served) or "none", ",".join(m for m in self.settings.explain.methods if m in HOOK_METHODS)
+                    or "no others")
 
     def prepare(self, item: Item) -> None:
         image = decode_image(item.request.data, self.settings.handler.max_image_pixels)
@@ -154,10 +181,12 @@ class ImageRunner(Runner):
             attribution = result["attribution"].detach().cpu()
             if item.method == "integrated_gradients" and options["heatmap_size"] == "feature":
                 attribution = sum_pool(attribution[None], *self.feature_size)[0]
+            if options["heatmap_size"] == "input" and tuple(attribution.shape) != input_size:
+                # layer IG's cells read at every pixel: scaled again so that the peak is ±1
+                attribution = F.interpolate(attribution[None, None], size=input_size, mode="bilinear",
+                                            align_corners=False)[0, 0]
             scale = float(attribution.abs().max())
             values = attribution / scale if scale > 0 else torch.zeros_like(attribution)
-            if options["heatmap_size"] == "input" and tuple(values.shape) != input_size:
-                values = F.interpolate(values[None, None], size=input_size, mode="bilinear", align_corners=False)[0, 0]
             heatmap = values.clamp(min=0)  # the overlay shows the evidence for the target
             extra = {"scale": float(f"{scale:.6g}")}
             absolute = abs(result["delta"])
