@@ -51,7 +51,7 @@ def test_images_from_a_folder_on_a_users_mar(user_mar, photos, tmp_path, capsys)
                  "--random-maps", "1", "--sanity", "--sanity-n", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
-    assert report["geometry"]["resize"] == "checked" and report["geometry"]["crop"] == "checked"
+    assert report["geometry"]["resize"] == "checked on 2 images" and report["geometry"]["crop"] == "checked"
     assert report["data"] == f"5 images from {photos}"
     assert any("corrupt.png" in note for note in report["notes"])
     assert "pointing_game" not in report["metrics"] and "accuracy" not in report["metrics"]  # no ground truth

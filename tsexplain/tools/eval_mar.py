@@ -134,7 +134,7 @@ class MarHandler:
             raise EvaluationError(f"{self.mar}: the handler failed to load: {type(exc).__name__}: {exc}") from None
         finally:
             os.chdir(cwd)
-        self.handler = self.service._entry_point.__self__
+        self.handler = getattr(self.service._entry_point, "__self__", None)  # a handler class's instance
         self.model: Optional[torch.nn.Module] = getattr(self.handler, "model", None)
         self.labels = list(getattr(getattr(self.handler, "runner", None), "labels", None) or [])
         self.description = f"in process: {self.mar} (handler {handler})"

@@ -166,6 +166,7 @@ def run_sanity(backend, task: str, inputs: Sequence, method: Optional[str], seed
         return [np.array([w["attribution"] for w in e.words], dtype=np.float64) for e in explained]
 
     result = sanity_check(model, explain, blocks, seed, threshold)
+    result["method"] = backend.explain(list(inputs[:1]), method, targets[:1])[0].method
     result["blocks"] = [{"name": b.name, "modules": list(b.modules)} for b in blocks]
     return result
 
@@ -173,10 +174,15 @@ def run_sanity(backend, task: str, inputs: Sequence, method: Optional[str], seed
 def check_geometry(backend, views: Sequence[data.ImageView], notes: list) -> dict:
     """That the model sees a view's frame as it sees the original image: the resize step
     taken here is the model's (equal probabilities), and the map covers the assumed crop."""
-    worst = 0.0
+    worst, checked = 0.0, 0
     for view in views[:2]:
-        p_original = backend.predict_proba([np.asarray(view.original)])[0]
+        try:
+            p_original = backend.predict_proba([np.asarray(view.original)])[0]
+        except EvaluationError as exc:  # e.g. over the server's handler.max_image_pixels
+            notes.append(f"the resize could not be checked on {view.name}: {exc}")
+            continue
         p_frame = backend.predict_proba([view.frame])[0]
+        checked += 1
         seen = (p_original > 1e-6) | (p_frame > 1e-6)
         worst = max(worst, float(np.abs(np.log(np.clip(p_original[seen], 1e-12, 1))
                                         - np.log(np.clip(p_frame[seen], 1e-12, 1))).max()))
@@ -198,7 +204,8 @@ def check_geometry(backend, views: Sequence[data.ImageView], notes: list) -> dic
                 raise EvaluationError(f"the model's input is {full.heatmap.shape[1]}x{full.heatmap.shape[0]}, not "
                                       f"the crop {region.width}x{region.height} assumed: give its --crop")
             crop = "checked"
-    return {"resize": "checked", "max_log_probability_difference": worst, "crop": crop}
+    return {"resize": f"checked on {checked} images" if checked else "not checked",
+            "max_log_probability_difference": worst, "crop": crop}
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -318,16 +325,17 @@ def _run(args, backend) -> dict:
     notes = list(f"the MAR's packed serving code differs from this installation's ({f}); in process the "
                  "installed code ran" for f in getattr(backend, "code_differs", [])[:3])
     curves = not args.sanity_only
+    n = args.n if curves else min(args.n, args.sanity_n)
     extra: dict = {}
     if args.task == "image":
         if args.images:
-            views, skipped = data.user_images(args.images, args.n, args.seed, backend.preprocessing)
+            views, skipped = data.user_images(args.images, n, args.seed, backend.preprocessing)
             notes += [f"skipped {s}" for s in skipped]
             described = f"{len(views)} images from {args.images}"
         else:
             crop = backend.preprocessing.crop
             size = args.image_size or getattr(backend, "image_size", None) or (crop if isinstance(crop, int) else 64)
-            views = data.synthetic_images(args.n, args.seed, size, backend.preprocessing)
+            views = data.synthetic_images(n, args.seed, size, backend.preprocessing)
             described = f"{len(views)} synthetic shapes of {size}x{size} pixels (seed {args.seed})"
         extra["geometry"] = check_geometry(backend, views, notes)
         report = (evaluate_images(backend, args.method, views, args.seed, args.steps, args.random_maps,
@@ -336,21 +344,21 @@ def _run(args, backend) -> dict:
     else:
         samples = None
         if args.texts:
-            texts = data.user_texts(args.texts, args.n, args.seed)
+            texts = data.user_texts(args.texts, n, args.seed)
             described = f"{len(texts)} texts from {args.texts}"
         else:
-            samples = data.synthetic_texts(args.n, args.seed)
+            samples = data.synthetic_texts(n, args.seed)
             texts = [s.text for s in samples]
             described = f"{len(texts)} synthetic reviews (seed {args.seed})"
         report = (evaluate_text(backend, args.method, texts, args.seed, args.k, args.max_words, args.random_repeats,
                                 args.batch_size, samples) if curves else {})
         sanity_inputs = texts[:args.sanity_n]
     if not curves:
-        report = {"task": args.task, "method": args.method, "settings": {"n": 0, "seed": args.seed}}
+        report = {"task": args.task, "method": args.method, "settings": {"n": n, "seed": args.seed}}
     if args.sanity or args.sanity_only:
         report["sanity"] = run_sanity(backend, args.task, sanity_inputs, args.method, args.seed,
                                       args.sanity_threshold)
-    report["method"] = report.get("method") or args.method or "default"
+    report["method"] = report.get("method") or report.get("sanity", {}).get("method") or args.method
     report.update(extra, data=described, notes=notes, backend=backend.description,
                   elapsed_s=round(time.perf_counter() - began, 2), date=datetime.date.today().isoformat(),
                   machine=f"{platform.machine()}, {platform.system()}, python {platform.python_version()}, "
