@@ -185,3 +185,81 @@ def test_evaluation_backend_runs_every_method(tmp_path, method):
     want = make_text_explainer(method, model, tok).explain(EVAL_TEXTS[:1], [explained.target])[0]
     assert explained.method == method
     assert [w["attribution"] for w in explained.words] == pytest.approx([w.attribution for w in want.words], abs=1e-5)
+
+
+# ----------------------------------------------------------------- regions: the model's view
+
+def test_curves_perturb_only_the_region_and_count_its_pixels():
+    """A frame 10 wide and 14 tall whose model input is rows 3..12 (a 10x10 crop): the
+    closed forms of the full-image case hold for the region, and no pixel outside it changes."""
+    frame = np.full((14, SIDE, 3), 77, dtype=np.uint8)
+    region = ev.Region(0, 3, SIDE, SIDE)
+    region.pixels(frame)[...] = mask_image()
+    seen = []
+
+    def cropping_model(batch):
+        batch = [np.asarray(b) for b in batch]
+        seen.extend(batch)
+        return mask_model(np.stack([region.pixels(b) for b in batch]))
+
+    curves = ev.image_curves([frame], [MASK.astype(float)], [0], cropping_model, steps=10, regions=[region])
+    assert curves.deletion[0] == pytest.approx([1, 0.6, 0.2] + [0.2] * 8)
+    assert curves.deletion_auc[0] == pytest.approx(F + F * (1 - F) / 2)
+    outside = np.ones(frame.shape[:2], dtype=bool)
+    outside[3:13, :] = False
+    deleted = [b for b in seen[:11]]
+    assert all((b[outside] == 77).all() for b in deleted)  # deletion leaves the outside as it was
+    assert (ev.deletion_substrate(frame, region) == round(255 * F)).all()  # the region's mean, not the frame's
+
+
+@pytest.mark.parametrize("size, resize, crop", [((300, 457), 256, 224), ((457, 300), 256, 224), ((97, 64), 64, 64),
+                                                ((200, 150), [100, 120], [90, 100]), ((123, 77), 72, [64, 60]),
+                                                ((50, 40), None, [32, 30]), ((81, 99), [64, 60], None)])
+def test_model_view_is_what_the_model_sees(size, resize, crop):
+    """The frame through the model's preprocessing gives the original's tensor bit for bit, and
+    the region is torchvision's centre crop of it."""
+    from tsexplain.serving.images import Preprocessing
+    from tsexplain.tools.eval_data import model_view
+    from torchvision.transforms import functional as TF
+
+    original = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+    preprocessing = Preprocessing(resize, crop)
+    view = model_view(original, preprocessing)
+    assert torch.equal(preprocessing(Image.fromarray(view.frame)), preprocessing(original))
+    resized = TF.resize(original, resize if isinstance(resize, list) else [resize], antialias=True) if resize else original
+    expected = TF.center_crop(resized, crop) if crop else resized
+    assert (view.region.pixels(view.frame) == np.asarray(expected)).all()
+
+
+def test_model_view_refuses_a_crop_larger_than_the_image():
+    from tsexplain.serving.images import Preprocessing
+    from tsexplain.tools.eval_data import DataError, model_view
+
+    with pytest.raises(DataError, match="larger than the resized image"):
+        model_view(Image.new("RGB", (300, 200)), Preprocessing(None, 224))
+
+
+def test_user_files_are_sampled_and_bad_ones_reported(tmp_path):
+    from tsexplain.serving.images import Preprocessing
+    from tsexplain.tools.eval_data import DataError, user_images, user_texts
+
+    (tmp_path / "sub").mkdir()
+    for k in range(5):
+        Image.new("RGB", (40 + k, 30), (k, 0, 0)).save(tmp_path / "sub" / f"{k}.png")
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    (tmp_path / "readme.txt").write_text("not an image")
+    views, skipped = user_images(tmp_path, 10, 0, Preprocessing(32, 32))
+    assert len(views) == 5 and skipped == ["bad.jpg: the body is not a decodable image"]
+    assert all(v.frame.shape[0] == 32 and v.region.width == 32 and v.box is None for v in views)
+    three, _ = user_images(tmp_path, 3, 0, Preprocessing(32, 32))
+    again, _ = user_images(tmp_path, 3, 0, Preprocessing(32, 32))
+    assert len(three) == 3 and [v.name for v in three] == [v.name for v in again]  # the seed decides
+    texts = tmp_path / "texts.txt"
+    texts.write_text("first one\n\n  second  \n\nthird\n", encoding="utf-8")
+    assert user_texts(texts, 10, 0) == ["first one", "second", "third"]
+    texts.write_text("\n \n")
+    with pytest.raises(DataError, match="no texts"):
+        user_texts(texts, 10, 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        user_images(tmp_path / "empty", 1, 0, Preprocessing(32, 32))

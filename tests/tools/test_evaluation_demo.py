@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tsexplain.tools import eval_data
 from tsexplain.tools.eval_backends import InProcessImage, InProcessText
 from tsexplain.tools.evaluate import evaluate_images, evaluate_text
 
@@ -32,7 +33,8 @@ SEED = 20261123
 @pytest.fixture(scope="module")
 def image_report():
     backend = InProcessImage(DEMO / "shapes")
-    return evaluate_images(backend, "gradcam", n=100, seed=SEED, steps=8, random_maps=2, image_size=64)
+    views = eval_data.synthetic_images(100, SEED, 64, backend.preprocessing)
+    return evaluate_images(backend, "gradcam", views, seed=SEED, steps=8, random_maps=2)
 
 
 def test_gradcam_points_at_the_shape(image_report):
@@ -65,7 +67,9 @@ def test_gradcam_inserts_faster_than_random_maps(image_report):
 
 def test_layer_ig_cue_words_and_word_deletion():
     backend = InProcessText(DEMO / "reviews")
-    report = evaluate_text(backend, "layer_ig", n=30, seed=SEED, k=3, max_words=3, repeats=2)
+    samples = eval_data.synthetic_texts(30, SEED)
+    report = evaluate_text(backend, "layer_ig", [s.text for s in samples], seed=SEED, k=3, max_words=3, repeats=2,
+                           samples=samples)
     m = report["metrics"]
     print({k: v for k, v in m.items()})
     assert report["method"] == "layer_ig"

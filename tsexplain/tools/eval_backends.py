@@ -1,14 +1,21 @@
-"""Where the evaluation gets its explanations and probabilities: in process, or from TorchServe.
+"""Where the evaluation gets its explanations and probabilities.
 
-Every backend offers the same two calls, so :mod:`tsexplain.tools.evaluation` runs unchanged on both:
+Every backend offers the same calls, so :mod:`tsexplain.tools.evaluation` and
+:mod:`tsexplain.tools.sanity` run unchanged on all of them:
 
-- ``explain(inputs, method)`` -> one :class:`Explained` per input (the predicted class is
-  explained);
-- ``predict_proba(batch)`` -> ``[B, K]`` probabilities in class-index order.
+- ``explain(inputs, method, targets=None)`` -> one :class:`Explained` per input (the
+  predicted class is explained unless ``targets`` names the classes);
+- ``predict_proba(batch)`` -> ``[B, K]`` probabilities in class-index order;
+- ``model``: the ``torch.nn.Module`` whose weights the sanity check randomises (``None``
+  for a server), and ``run_forward(input)`` to run it once on an input;
+- for images, ``preprocessing``: the model's resize and crop (see :mod:`.eval_data`).
 
-Image inputs are uint8 ``[H, W, 3]`` arrays at the model's input resolution (the synthetic
-images are generated at that size, so the server's resize and centre crop leave them as they
-are); they travel to a server as PNG (lossless). Text inputs are strings.
+Backends: a model folder in process (:class:`InProcessImage`, :class:`InProcessText`),
+a MAR's handler in process (:mod:`.eval_mar`), or a model on TorchServe
+(:class:`ServedImage`, :class:`ServedText`). The last two send the same requests, which
+:class:`ImageRequests` and :class:`TextRequests` write; only the transport differs.
+Image inputs are uint8 ``[H, W, 3]`` arrays (the model's view, :mod:`.eval_data`), sent
+as PNG (lossless); text inputs are strings.
 """
 from __future__ import annotations
 
@@ -53,15 +60,15 @@ def _gradcam(model, layer_name):
 
     cam = GradCAM(model, get_layer(model, layer_name))
 
-    def explain(batch: torch.Tensor):
-        out = cam.attribute(batch)
+    def explain(batch: torch.Tensor, targets: Optional[list[int]]):
+        out = cam.attribute(batch, targets)
         return out.heatmaps, out.targets
 
     return explain
 
 
-#: In-process image methods: name -> factory(model, target layer name) -> explain(batch) ->
-#: (``[N, h, w]`` maps, targets). New core methods register here.
+#: In-process image methods: name -> factory(model, target layer name) -> explain(batch, targets
+#: or None) -> (``[N, h, w]`` maps, targets). New core methods register here.
 IMAGE_METHODS: dict[str, Callable] = {"gradcam": _gradcam}
 
 
@@ -124,7 +131,11 @@ class InProcessImage:
         with torch.inference_mode():
             return torch.softmax(self.model(self._tensor(images)).float(), dim=1).numpy()
 
-    def explain(self, images: Sequence[np.ndarray], method: Optional[str]) -> list[Explained]:
+    def run_forward(self, image) -> None:
+        self.model(self._tensor([image]))
+
+    def explain(self, images: Sequence[np.ndarray], method: Optional[str],
+                targets: Optional[Sequence[int]] = None) -> list[Explained]:
         method = method or "gradcam"
         if method not in IMAGE_METHODS:
             raise _unknown(method, IMAGE_METHODS)
@@ -134,8 +145,9 @@ class InProcessImage:
         explain = IMAGE_METHODS[method](self.model, self.layer)
         out = []
         for start in range(0, len(images), self.batch_size):
-            heatmaps, targets = explain(self._tensor(images[start:start + self.batch_size]))
-            out += [Explained(int(t), method, heatmap=h.detach().cpu().numpy()) for h, t in zip(heatmaps, targets)]
+            chunk = slice(start, start + self.batch_size)
+            heatmaps, chosen = explain(self._tensor(images[chunk]), None if targets is None else list(targets[chunk]))
+            out += [Explained(int(t), method, heatmap=h.detach().cpu().numpy()) for h, t in zip(heatmaps, chosen)]
         return out
 
 
@@ -162,7 +174,11 @@ class InProcessText:
             enc = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
             return torch.softmax(self.model(**enc).logits.float(), dim=1).numpy()
 
-    def explain(self, texts: Sequence[str], method: Optional[str]) -> list[Explained]:
+    def run_forward(self, text: str) -> None:
+        self.model(**self.tokenizer([text], truncation=True, return_tensors="pt"))
+
+    def explain(self, texts: Sequence[str], method: Optional[str],
+                targets: Optional[Sequence[int]] = None) -> list[Explained]:
         method = method or "layer_ig"
         if method not in TEXT_METHODS:
             raise _unknown(method, TEXT_METHODS)
@@ -170,12 +186,13 @@ class InProcessText:
         out = []
         for start in range(0, len(texts), self.batch_size):
             chunk = list(texts[start:start + self.batch_size])
-            targets = self.predict_proba(chunk).argmax(axis=1).tolist()
-            out += [Explained(t, method, words=w) for t, w in zip(targets, explain(chunk, targets))]
+            chosen = (self.predict_proba(chunk).argmax(axis=1).tolist() if targets is None
+                      else [int(t) for t in targets[start:start + self.batch_size]])
+            out += [Explained(t, method, words=w) for t, w in zip(chosen, explain(chunk, chosen))]
         return out
 
 
-# --------------------------------------------------------------------------- served
+# ------------------------------------------------------- through the handler's HTTP API
 
 def read_inference_key(key: Optional[str], key_file: Optional[str]) -> Optional[str]:
     """The inference key: given, from ``key_file`` (TorchServe's key_file.json), else from
@@ -193,71 +210,52 @@ def read_inference_key(key: Optional[str], key_file: Optional[str]) -> Optional[
         raise EvaluationError(f"{path}: not a TorchServe key file ({type(exc).__name__})") from None
 
 
-class Served:
-    """Explanations and predictions of ``model`` on a running TorchServe.
+#: One request: (body bytes, content type), as a client sends it.
+Payload = tuple[bytes, str]
 
-    Maps come from ``POST /explanations/{model}`` and probabilities of the perturbed inputs
-    from ``POST /predictions/{model}``, ``concurrency`` requests in flight at a time so that
-    TorchServe forms its batches (``batchSize`` of the model).
+
+def json_payload(body: dict) -> Payload:
+    return json.dumps(body).encode(), "application/json"
+
+
+class HandlerRequests:
+    """The handler's API (``/predictions``, ``/explanations``) as the evaluation uses it.
+
+    A transport implements ``_answers(route, payloads)``: the decoded JSON answer of
+    each request, raising :class:`EvaluationError` for any non-200 answer.
     """
 
-    kind = "served"
+    model = None  # no weights to randomise unless the transport holds the model
+    labels: list
 
-    def __init__(self, url: str, model: str, key: Optional[str] = None, explain_token: Optional[str] = None,
-                 priority: Optional[str] = None, priority_header: str = "X-Priority", concurrency: int = 8,
-                 timeout: float = 120):
-        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise EvaluationError(f"bad server URL {url!r}")
-        self.parts, self.model, self.timeout = parts, model, timeout
-        self.headers = {}
-        if key:
-            self.headers["Authorization"] = f"Bearer {key}"
-        if explain_token:
-            self.headers["X-Explain-Token"] = explain_token
-        if priority:
-            self.headers[priority_header] = priority
-        self.pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
-        self.labels: list[str] = []
-        self.description = f"served: {parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}, model {model}"
-
-    def _post(self, route: str, body: bytes, content_type: str) -> Any:
-        connection_class = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
-        connection = connection_class(self.parts.hostname, self.parts.port, timeout=self.timeout)
-        path = f"{self.parts.path.rstrip('/')}/{route}/{urllib.parse.quote(self.model)}"
-        try:
-            connection.request("POST", path, body=body, headers={**self.headers, "Content-Type": content_type})
-            response = connection.getresponse()
-            status, data = response.status, response.read()
-        except OSError as exc:
-            raise EvaluationError(f"POST {path}: {type(exc).__name__}: {exc}") from None
-        finally:
-            connection.close()
-        if status != 200:
-            raise EvaluationError(f"POST {path} answered {status}: {data[:300].decode('utf-8', 'replace')}")
-        return json.loads(data)
-
-    def _post_json(self, route: str, payload: dict) -> Any:
-        return self._post(route, json.dumps(payload).encode(), "application/json")
+    def _answers(self, route: str, payloads: Sequence[Payload]) -> list[Any]:
+        raise NotImplementedError
 
     def _explanations(self, inputs: Sequence, payload: Callable[[Any], dict], method: Optional[str],
-                      required: str) -> list[dict]:
+                      targets: Optional[Sequence[int]], required: str) -> list[dict]:
         """The ``explanation`` of each input's /explanations answer (``payload(input)`` is its body),
         checked to hold ``required``; the predictions in the answers teach the labels."""
-        def one(item):
+        bodies = []
+        for k, item in enumerate(inputs):
             body = payload(item)
             if method:
                 body["method"] = method
-            return self._post_json("explanations", body)
-
+            if targets is not None:
+                body["target"] = int(targets[k])
+            bodies.append(json_payload(body))
         out = []
-        for answer in self.pool.map(one, inputs):
+        for answer in self._answers("explanations", bodies):
             explanation = answer.get("explanation")
             if not explanation or required not in explanation:
                 raise EvaluationError(f"no explanation in the answer: {answer.get('explanation_skipped', answer)!r}")
             self._learn_labels(answer["predictions"])
             out.append(explanation)
         return out
+
+    def _know_labels(self, first_input) -> None:
+        """Learn the class labels (from one explanation's predictions) before reading probabilities."""
+        if not self.labels:
+            self.explain([first_input], None)
 
     def _learn_labels(self, predictions: list[dict]) -> None:
         for p in predictions:
@@ -282,38 +280,104 @@ class Served:
         return out
 
 
-def _png_base64(image: np.ndarray) -> str:
+def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
-class ServedImage(Served):
-    """An ``ImageExplainer`` model on TorchServe. Predictions ask for every class (``top_k``)."""
+def _png_base64(image: np.ndarray) -> str:
+    return base64.b64encode(png_bytes(image)).decode("ascii")
 
-    def explain(self, images: Sequence[np.ndarray], method: Optional[str]) -> list[Explained]:
-        payload = lambda image: {"data": _png_base64(image), "outputs": ["heatmap"], "top_k": 1000}  # noqa: E731
+
+class ImageRequests(HandlerRequests):
+    """An ``ImageExplainer`` model's requests. Predictions ask for every class (``top_k``)."""
+
+    preprocessing: Optional[Preprocessing] = None
+
+    def explain(self, images: Sequence[np.ndarray], method: Optional[str],
+                targets: Optional[Sequence[int]] = None, **fields) -> list[Explained]:
+        payload = lambda image: {"data": _png_base64(image), "outputs": ["heatmap"], "top_k": 1000, **fields}  # noqa: E731
         return [Explained(int(e["target"]["index"]), e.get("method", method),
                           heatmap=np.asarray(e["heatmap"]["values"], dtype=np.float32))
-                for e in self._explanations(images, payload, method, "heatmap")]
+                for e in self._explanations(images, payload, method, targets, "heatmap")]
 
     def predict_proba(self, images) -> np.ndarray:
-        answers = list(self.pool.map(
-            lambda image: self._post_json("predictions", {"data": _png_base64(image), "top_k": 1000}), images))
+        self._know_labels(images[0])
+        answers = self._answers("predictions", [json_payload({"data": _png_base64(i), "top_k": 1000}) for i in images])
         return self._probabilities(answers)
 
 
-class ServedText(Served):
-    """A ``TextExplainer`` model on TorchServe."""
+class TextRequests(HandlerRequests):
+    """A ``TextExplainer`` model's requests."""
 
-    def explain(self, texts: Sequence[str], method: Optional[str]) -> list[Explained]:
+    def explain(self, texts: Sequence[str], method: Optional[str],
+                targets: Optional[Sequence[int]] = None) -> list[Explained]:
         out = []
-        for e in self._explanations(texts, lambda text: {"data": text}, method, "words"):
+        for e in self._explanations(texts, lambda text: {"data": text}, method, targets, "words"):
             words = [{k: w[k] for k in ("word", "start", "end", "attribution")} for w in e["words"]]
             out.append(Explained(int(e["target"]["index"]), e.get("method", method), words=words))
         return out
 
     def predict_proba(self, texts) -> np.ndarray:
-        answers = list(self.pool.map(
-            lambda text: self._post("predictions", text.encode("utf-8"), "text/plain; charset=utf-8"), texts))
+        self._know_labels(texts[0])
+        answers = self._answers("predictions", [(t.encode("utf-8"), "text/plain; charset=utf-8") for t in texts])
         return self._probabilities(answers)
+
+
+class Served(HandlerRequests):
+    """Explanations and predictions of ``model`` on a running TorchServe.
+
+    Maps come from ``POST /explanations/{model}`` and probabilities of the perturbed inputs
+    from ``POST /predictions/{model}``, ``concurrency`` requests in flight at a time so that
+    TorchServe forms its batches (``batchSize`` of the model).
+    """
+
+    kind = "served"
+
+    def __init__(self, url: str, model: str, key: Optional[str] = None, explain_token: Optional[str] = None,
+                 priority: Optional[str] = None, priority_header: str = "X-Priority", concurrency: int = 8,
+                 timeout: float = 120, preprocessing: Optional[Preprocessing] = None):
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EvaluationError(f"bad server URL {url!r}")
+        self.parts, self.model_name, self.timeout = parts, model, timeout
+        self.headers = {}
+        if key:
+            self.headers["Authorization"] = f"Bearer {key}"
+        if explain_token:
+            self.headers["X-Explain-Token"] = explain_token
+        if priority:
+            self.headers[priority_header] = priority
+        self.pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+        self.labels: list[str] = []
+        self.preprocessing = preprocessing
+        self.description = f"served: {parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}, model {model}"
+
+    def _post(self, route: str, payload: Payload) -> Any:
+        connection_class = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+        connection = connection_class(self.parts.hostname, self.parts.port, timeout=self.timeout)
+        path = f"{self.parts.path.rstrip('/')}/{route}/{urllib.parse.quote(self.model_name)}"
+        body, content_type = payload
+        try:
+            connection.request("POST", path, body=body, headers={**self.headers, "Content-Type": content_type})
+            response = connection.getresponse()
+            status, data = response.status, response.read()
+        except OSError as exc:
+            raise EvaluationError(f"POST {path}: {type(exc).__name__}: {exc}") from None
+        finally:
+            connection.close()
+        if status != 200:
+            raise EvaluationError(f"POST {path} answered {status}: {data[:300].decode('utf-8', 'replace')}")
+        return json.loads(data)
+
+    def _answers(self, route: str, payloads: Sequence[Payload]) -> list[Any]:
+        return list(self.pool.map(lambda payload: self._post(route, payload), payloads))
+
+
+class ServedImage(ImageRequests, Served):
+    """An ``ImageExplainer`` model on TorchServe."""
+
+
+class ServedText(TextRequests, Served):
+    """A ``TextExplainer`` model on TorchServe."""

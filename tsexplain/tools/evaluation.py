@@ -19,6 +19,11 @@ Images (RISE-style, Petsiuk et al. 2018):
 - The map is upsampled bilinearly to the image's resolution
   (:func:`upsample_map`); ties (Grad-CAM's zeros) are broken in a
   random order drawn from the seed, never in raster order.
+- **Regions**: when the model sees only part of an image (a centre crop of the
+  resized image, :class:`Region`), the map covers that region, only its pixels
+  are perturbed, the fractions count its pixels, and the deletion substrate is
+  its mean colour; the rest of the image is left as it is (the model never sees
+  it).
 - The AUC is the trapezoid rule over the fraction of pixels perturbed, in [0, 1].
 - **Random baseline**: maps of i.i.d. uniform values *at the explanation map's
   own resolution*, upsampled the same way, so the baseline differs from the
@@ -47,8 +52,32 @@ from PIL import Image, ImageFilter
 
 
 #: ``predict_proba(batch) -> [B, K]`` class probabilities. For images the batch is a
-#: ``[B, H, W, 3]`` uint8 array, for text a list of strings.
+#: list of uint8 ``[H, W, 3]`` arrays (sizes may differ), for text a list of strings.
 PredictProba = Callable[[object], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Region:
+    """The part of an image the model sees: rows ``top:top + height``, columns
+    ``left:left + width`` (a centre crop of the resized image)."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+
+    @classmethod
+    def whole(cls, image: np.ndarray) -> "Region":
+        return cls(0, 0, image.shape[1], image.shape[0])
+
+    def flat_indices(self, image_width: int) -> np.ndarray:
+        """Flat (row-major) indices, in the whole image, of the region's pixels in raster order."""
+        rows = np.arange(self.top, self.top + self.height)[:, None]
+        cols = np.arange(self.left, self.left + self.width)[None, :]
+        return (rows * image_width + cols).ravel()
+
+    def pixels(self, image: np.ndarray) -> np.ndarray:
+        return image[self.top:self.top + self.height, self.left:self.left + self.width]
 
 
 def pointing_hit(heatmap: torch.Tensor, box: Sequence[float], height: int, width: int) -> bool:
@@ -98,9 +127,11 @@ def step_counts(n_pixels: int, steps: int) -> np.ndarray:
     return np.round(np.linspace(0, n_pixels, steps + 1)).astype(int)
 
 
-def deletion_substrate(image: np.ndarray) -> np.ndarray:
-    """What deleted pixels become: the image's mean colour everywhere (uint8 ``[H, W, 3]``)."""
-    mean = image.reshape(-1, image.shape[-1]).mean(axis=0)
+def deletion_substrate(image: np.ndarray, region: Optional[Region] = None) -> np.ndarray:
+    """What deleted pixels become: the mean colour of ``region`` (default: the whole
+    image) everywhere (uint8 ``[H, W, 3]``)."""
+    seen = image if region is None else region.pixels(image)
+    mean = seen.reshape(-1, image.shape[-1]).mean(axis=0)
     return np.broadcast_to(np.round(mean).astype(np.uint8), image.shape).copy()
 
 
@@ -119,10 +150,11 @@ def insertion_start(image: np.ndarray, radius: Optional[float] = None) -> np.nda
 
 def perturbation_path(start: np.ndarray, end: np.ndarray, order: np.ndarray, steps: int) -> np.ndarray:
     """``[steps + 1, H, W, C]`` images going from ``start`` to ``end``: at point ``i`` the first
-    ``step_counts(H*W, steps)[i]`` pixels of ``order`` hold ``end``'s values, the others ``start``'s."""
+    ``step_counts(len(order), steps)[i]`` pixels of ``order`` (flat indices; all ``H*W`` of them,
+    or a region's) hold ``end``'s values, the others ``start``'s."""
     height, width, channels = start.shape
-    counts = step_counts(height * width, steps)
-    rank = np.empty(height * width, dtype=np.int64)
+    counts = step_counts(order.size, steps)
+    rank = np.full(height * width, order.size, dtype=np.int64)  # pixels outside ``order``: never replaced
     rank[order] = np.arange(order.size)
     replaced = rank[None, :] < counts[:, None]  # [steps + 1, H*W]
     flat_start, flat_end = start.reshape(-1, channels), end.reshape(-1, channels)
@@ -152,7 +184,7 @@ def target_probabilities(paths: Iterable[tuple[np.ndarray, int]], predict_proba:
                          batch_size: int = 64) -> list[np.ndarray]:
     """The target's probability along each ``(path, target)``; paths are ``[P, H, W, 3]`` arrays.
 
-    Images of consecutive paths share ``predict_proba`` calls of ``batch_size``.
+    Images of consecutive paths (of any sizes) share ``predict_proba`` calls of ``batch_size``.
     """
     def rows():
         for index, (path, target) in enumerate(paths):
@@ -161,7 +193,7 @@ def target_probabilities(paths: Iterable[tuple[np.ndarray, int]], predict_proba:
 
     out: dict[int, list[float]] = {}
     for chunk in _batched(rows(), batch_size):
-        probs = np.asarray(predict_proba(np.stack([row[2] for row in chunk])), dtype=np.float64)
+        probs = np.asarray(predict_proba([row[2] for row in chunk]), dtype=np.float64)
         for (index, point, _, target), p in zip(chunk, probs):
             out.setdefault(index, []).append(float(p[target]))
     return [np.array(out[i]) for i in range(len(out))]
@@ -185,32 +217,36 @@ class ImageCurves:
 
 def image_curves(images: Sequence[np.ndarray], saliencies: Sequence[np.ndarray], targets: Sequence[int],
                  predict_proba: PredictProba, steps: int = 16, seed: int = 0, batch_size: int = 64,
-                 blur_radius: Optional[float] = None) -> ImageCurves:
+                 blur_radius: Optional[float] = None, regions: Optional[Sequence[Region]] = None) -> ImageCurves:
     """Deletion and insertion curves of the target probability for each image.
 
     Args:
-        images: uint8 ``[H, W, 3]`` arrays, at the model's input resolution.
-        saliencies: one map per image, any resolution (upsampled bilinearly); higher = more
-            important.
+        images: uint8 ``[H, W, 3]`` arrays, as ``predict_proba`` takes them.
+        saliencies: one map per image, over its region, any resolution (upsampled
+            bilinearly to the region); higher = more important.
         targets: the class whose probability is tracked, per image.
-        predict_proba: ``[B, H, W, 3]`` uint8 -> ``[B, K]`` probabilities.
+        predict_proba: list of uint8 ``[H, W, 3]`` -> ``[B, K]`` probabilities.
         steps: perturbation steps; each curve has ``steps + 1`` points.
         seed: tie-breaking order.
-        blur_radius: of the insertion start (default :func:`default_blur_radius`).
+        blur_radius: of the insertion start (default :func:`default_blur_radius` of the region).
+        regions: the part of each image the model sees (default: all of it); only its
+            pixels are perturbed.
     """
-    if not len(images) == len(saliencies) == len(targets):
-        raise ValueError("need one saliency map and one target per image")
+    regions = [Region.whole(img) for img in images] if regions is None else list(regions)
+    if not len(images) == len(saliencies) == len(targets) == len(regions):
+        raise ValueError("need one saliency map, one target and one region per image")
     rng = np.random.default_rng(seed)
     orders = []
-    for image, saliency in zip(images, saliencies):
-        height, width = image.shape[:2]
-        orders.append(pixel_order(upsample_map(saliency, height, width), rng))
+    for image, saliency, region in zip(images, saliencies, regions):
+        within = pixel_order(upsample_map(saliency, region.height, region.width), rng)
+        orders.append(region.flat_indices(image.shape[1])[within])
+    radii = [default_blur_radius(r.height, r.width) if blur_radius is None else blur_radius for r in regions]
     deletion = target_probabilities(
-        ((perturbation_path(img, deletion_substrate(img), order, steps), t)
-         for img, order, t in zip(images, orders, targets)), predict_proba, batch_size)
+        ((perturbation_path(img, deletion_substrate(img, region), order, steps), t)
+         for img, order, t, region in zip(images, orders, targets, regions)), predict_proba, batch_size)
     insertion = target_probabilities(
-        ((perturbation_path(insertion_start(img, blur_radius), img, order, steps), t)
-         for img, order, t in zip(images, orders, targets)), predict_proba, batch_size)
+        ((perturbation_path(insertion_start(img, radius), img, order, steps), t)
+         for img, order, t, radius in zip(images, orders, targets, radii)), predict_proba, batch_size)
     return ImageCurves(np.stack(deletion), np.stack(insertion))
 
 
@@ -223,9 +259,11 @@ def random_maps(shapes: Sequence[tuple[int, int]], repeats: int, seed: int) -> l
 def random_image_curves(images: Sequence[np.ndarray], map_shapes: Sequence[tuple[int, int]],
                         targets: Sequence[int], predict_proba: PredictProba, steps: int = 16,
                         repeats: int = 3, seed: int = 0, batch_size: int = 64,
-                        blur_radius: Optional[float] = None) -> ImageCurves:
+                        blur_radius: Optional[float] = None,
+                        regions: Optional[Sequence[Region]] = None) -> ImageCurves:
     """The random-map baseline: curves of ``repeats`` random maps per image, averaged per image."""
-    runs = [image_curves(images, maps, targets, predict_proba, steps, seed + 1 + r, batch_size, blur_radius)
+    runs = [image_curves(images, maps, targets, predict_proba, steps, seed + 1 + r, batch_size, blur_radius,
+                         regions)
             for r, maps in enumerate(random_maps(map_shapes, repeats, seed))]
     return ImageCurves(np.mean([r.deletion for r in runs], axis=0), np.mean([r.insertion for r in runs], axis=0))
 
