@@ -60,11 +60,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("timm", "VisionTransformer", ("blocks.-1.norm1",), "tokens"),  # DeiT (distilled too) subclasses it
     Family("transformers", "ViTModel", _HF_VIT, "tokens"),
     Family("transformers", "DeiTModel", _HF_VIT, "tokens"),
-    # Swin: the last stage (channels-last); Hugging Face's stages answer tuples, so
-    # its final LayerNorm over the last stage's tokens (no class token) is used.
-    Family("torchvision", "SwinTransformer", ("features",), "nhwc"),
-    Family("timm", "SwinTransformer", ("layers.-1",), "nhwc"),
-    Family("transformers", "SwinModel", ("layernorm",), "tokens"),
+    # Swin: likewise the last block's first LayerNorm (channels-last in torchvision and
+    # timm, tokens without a class token in Hugging Face). On Swins trained on the shapes
+    # its maps point at the object more often than the last stage's output or the final
+    # norm (tests/tools/test_layer_pointing.py; figures in the README).
+    Family("torchvision", "SwinTransformer", ("features.-1.-1.norm1",), "nhwc"),
+    Family("timm", "SwinTransformer", ("layers.-1.blocks.-1.norm1",), "nhwc"),
+    Family("transformers", "SwinModel", ("encoder.layers.-1.blocks.-1.layernorm_before",), "tokens"),
     # CNNs of timm and Hugging Face: the last stage.
     Family("timm", "ConvNeXt", ("stages.-1",), "nchw"),
     Family("timm", "ResNet", ("layer4",), "nchw"),
