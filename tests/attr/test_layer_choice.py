@@ -81,6 +81,12 @@ def test_non_spatial_shapes_are_no_grid(shape, size):
         assert spatial_grids(shape, size, "tokens") == []
 
 
+def test_a_pooled_vector_is_no_tokens():
+    # Hugging Face Swin's pooler: [N, C, 1], whose 64 values would read as 8x8 one-channel tokens
+    assert spatial_grids((1, 64, 1), (64, 64), "tokens") == []
+    assert spatial_grids((1, 64, 2), (64, 64), "tokens")[:1] == [(8, 8, 2, 0)]
+
+
 def test_every_conv_stack_output_is_a_grid_of_its_input():
     """Strided, padded and unpadded convolutions, poolings and patch embeddings, stacked at
     random on random input sizes: the rule accepts every output shape they give."""

@@ -236,14 +236,16 @@ def spatial_grids(shape: tuple[int, ...], input_size: tuple[int, int], layout: s
       (``s * (h - w)`` within ``s`` of ``H - W``, borders lost to unpadded
       convolutions allowed).
     - ``tokens``: ``prefix + h*w`` tokens, ``prefix`` at most ``MAX_PREFIX_TOKENS``,
-      with ``(h, w)`` a patch grid: ``(H // s, W // s)`` or, padded, rounded up.
+      with ``(h, w)`` a patch grid: ``(H // s, W // s)`` or, padded, rounded up, and
+      more than one channel: ``[N, C, 1]`` is a pooled vector (Hugging Face Swin's
+      ``pooler``), whose ``C`` values would otherwise read as one-channel tokens.
 
     ViT attention keys ``[N, heads, tokens, head_dim]`` read as ``nchw`` are not a
     grid (``tokens`` × ``head_dim`` cells). An empty list: no reading fits.
     """
     height, width = input_size
     if layout == "tokens":
-        if len(shape) != 3:
+        if len(shape) != 3 or shape[2] < 2:
             return []
         found = []
         for stride in range(1, max(height, width) + 1):
@@ -276,6 +278,8 @@ def describe_shape(shape: tuple[int, ...], input_size: tuple[int, int], layout: 
     if layout == "tokens":
         if len(shape) != 3:
             return f"tokens: expected [N, tokens, C], got {dims}"
+        if shape[2] < 2:
+            return f"tokens: one value per token, a pooled vector rather than tokens ({dims})"
         return (f"tokens: {shape[1]} tokens are no patch grid of a {height}x{width} input "
                 f"after at most {MAX_PREFIX_TOKENS} prefix tokens")
     if len(shape) != 4:
