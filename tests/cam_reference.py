@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 
-def vit_reshape(tensor, height, width):
-    # pytorch-grad-cam's documented ViT reshape_transform.
-    result = tensor[:, 1:, :].reshape(tensor.size(0), height, width, tensor.size(2))
+def vit_reshape(tensor, height, width, prefix_tokens=1):
+    # pytorch-grad-cam's documented ViT reshape_transform (which drops one class token).
+    result = tensor[:, prefix_tokens:, :].reshape(tensor.size(0), height, width, tensor.size(2))
     return result.transpose(2, 3).transpose(1, 2)
 
 

@@ -81,6 +81,12 @@ def test_non_spatial_shapes_are_no_grid(shape, size):
         assert spatial_grids(shape, size, "tokens") == []
 
 
+def test_a_pooled_vector_is_no_tokens():
+    # Hugging Face Swin's pooler: [N, C, 1], whose 64 values would read as 8x8 one-channel tokens
+    assert spatial_grids((1, 64, 1), (64, 64), "tokens") == []
+    assert spatial_grids((1, 64, 2), (64, 64), "tokens")[:1] == [(8, 8, 2, 0)]
+
+
 def test_every_conv_stack_output_is_a_grid_of_its_input():
     """Strided, padded and unpadded convolutions, poolings and patch embeddings, stacked at
     random on random input sizes: the rule accepts every output shape they give."""
@@ -137,7 +143,7 @@ def test_timm_families_get_their_known_good_layer(timm):
     swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, img_size=64, window_size=4,
                              depths=(1, 1, 1), num_heads=(1, 2, 4), embed_dim=16).eval()
     grid = choose_layer(swin, x64)
-    assert (grid.name, grid.layout, grid.height, grid.width) == ("layers.2", "nhwc", 4, 4)
+    assert (grid.name, grid.layout, grid.height, grid.width) == ("layers.2.blocks.0.norm1", "nhwc", 4, 4)
     convnext = timm.create_model("convnext_atto", pretrained=False, num_classes=5, output_stride=8).eval()
     grid = choose_layer(convnext, x32)
     assert (grid.name, grid.layout, grid.height) == ("stages.3", "nchw", 4)
@@ -159,7 +165,7 @@ def test_hugging_face_families_get_their_known_good_layer_through_a_wrapper():
                  "model.deit.layers.1.layernorm_before", "tokens", 2),
         "swin": (SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
                                                        num_heads=[1, 2], window_size=4, num_labels=5)),
-                 "model.swin.layernorm", "tokens", 0),
+                 "model.swin.encoder.layers.1.blocks.0.layernorm_before", "tokens", 0),
         "convnext": (ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2,
                                                                    num_labels=5)),
                      "model.convnext.encoder.stages.1", "nchw", 0),

@@ -60,11 +60,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("timm", "VisionTransformer", ("blocks.-1.norm1",), "tokens"),  # DeiT (distilled too) subclasses it
     Family("transformers", "ViTModel", _HF_VIT, "tokens"),
     Family("transformers", "DeiTModel", _HF_VIT, "tokens"),
-    # Swin: the last stage (channels-last); Hugging Face's stages answer tuples, so
-    # its final LayerNorm over the last stage's tokens (no class token) is used.
-    Family("torchvision", "SwinTransformer", ("features",), "nhwc"),
-    Family("timm", "SwinTransformer", ("layers.-1",), "nhwc"),
-    Family("transformers", "SwinModel", ("layernorm",), "tokens"),
+    # Swin: likewise the last block's first LayerNorm (channels-last in torchvision and
+    # timm, tokens without a class token in Hugging Face). On Swins trained on the shapes
+    # its maps point at the object more often than the last stage's output or the final
+    # norm (tests/tools/test_layer_pointing.py; figures in the README).
+    Family("torchvision", "SwinTransformer", ("features.-1.-1.norm1",), "nhwc"),
+    Family("timm", "SwinTransformer", ("layers.-1.blocks.-1.norm1",), "nhwc"),
+    Family("transformers", "SwinModel", ("encoder.layers.-1.blocks.-1.layernorm_before",), "tokens"),
     # CNNs of timm and Hugging Face: the last stage.
     Family("timm", "ConvNeXt", ("stages.-1",), "nchw"),
     Family("timm", "ResNet", ("layer4",), "nchw"),
@@ -234,14 +236,16 @@ def spatial_grids(shape: tuple[int, ...], input_size: tuple[int, int], layout: s
       (``s * (h - w)`` within ``s`` of ``H - W``, borders lost to unpadded
       convolutions allowed).
     - ``tokens``: ``prefix + h*w`` tokens, ``prefix`` at most ``MAX_PREFIX_TOKENS``,
-      with ``(h, w)`` a patch grid: ``(H // s, W // s)`` or, padded, rounded up.
+      with ``(h, w)`` a patch grid: ``(H // s, W // s)`` or, padded, rounded up, and
+      more than one channel: ``[N, C, 1]`` is a pooled vector (Hugging Face Swin's
+      ``pooler``), whose ``C`` values would otherwise read as one-channel tokens.
 
     ViT attention keys ``[N, heads, tokens, head_dim]`` read as ``nchw`` are not a
     grid (``tokens`` × ``head_dim`` cells). An empty list: no reading fits.
     """
     height, width = input_size
     if layout == "tokens":
-        if len(shape) != 3:
+        if len(shape) != 3 or shape[2] < 2:
             return []
         found = []
         for stride in range(1, max(height, width) + 1):
@@ -274,6 +278,8 @@ def describe_shape(shape: tuple[int, ...], input_size: tuple[int, int], layout: 
     if layout == "tokens":
         if len(shape) != 3:
             return f"tokens: expected [N, tokens, C], got {dims}"
+        if shape[2] < 2:
+            return f"tokens: one value per token, a pooled vector rather than tokens ({dims})"
         return (f"tokens: {shape[1]} tokens are no patch grid of a {height}x{width} input "
                 f"after at most {MAX_PREFIX_TOKENS} prefix tokens")
     if len(shape) != 4:
