@@ -239,10 +239,13 @@ class TextExplainSettings(ExplainAccessSettings):
     choose (``layer_ig``, ``grad_x_input``, ``occlusion``; default all: each one's
     cost is bounded, by ``max_n_steps`` for Layer IG and ``occlusion_max_words``
     for occlusion, and grad x input costs one backward pass).
-    ``layer``: dotted module name; ``None`` uses ``get_input_embeddings()``.
-    ``n_steps`` is the default (``auto``: adaptive, from ``adaptive_start`` doubling
-    up to ``adaptive_max`` until the relative delta is at most
-    ``max_relative_delta``); a request may ask for up to ``max_n_steps``.
+    ``layer``: dotted module name; ``None``: the family's measured default
+    (``tsexplain.attr.text.families``), else ``get_input_embeddings()``. ``baseline``:
+    ``auto`` (the family's: MASK for ModernBERT, else PAD), ``pad``, ``unk`` or ``mask``.
+    ``n_steps`` is the default (``auto``, the default: adaptive, from ``adaptive_start``
+    doubling up to ``adaptive_max`` until the relative delta is at most
+    ``max_relative_delta``, within the request's deadline); a request may ask for up to
+    ``max_n_steps``. ``converged`` in an answer is judged against ``max_relative_delta``.
     ``precision``: ``fp32`` | ``bf16`` | ``fp16`` (CUDA only) | ``auto``.
     ``internal_batch_size``: rows per pass, or ``auto`` from ``memory_budget_mb``.
     """
@@ -252,8 +255,8 @@ class TextExplainSettings(ExplainAccessSettings):
     method: str = "layer_ig"
     methods: list = field(default_factory=lambda: list(TEXT_METHODS))
     layer: Optional[str] = None
-    baseline: str = "pad"
-    n_steps: int = 50
+    baseline: str = "auto"
+    n_steps: Any = "auto"
     max_n_steps: int = 256
     integration_method: str = "gausslegendre"
     internal_batch_size: Any = 64
@@ -262,7 +265,7 @@ class TextExplainSettings(ExplainAccessSettings):
     precision: str = "fp32"
     memory_budget_mb: float = 1024
     adaptive_start: int = 8
-    adaptive_max: int = 128
+    adaptive_max: int = 256
     max_relative_delta: float = 0.05
     occlusion_max_words: int = 256
 
