@@ -6,7 +6,8 @@ are trained here, offline and deterministically up to floating point (one thread
 on the same reviews as the demo model, *without* the demo's PAD-blanked neutral texts (a
 user's model has never seen an all-PAD text), and cached under ``build/families/<family>``
 (tokenizer + model, ``save_pretrained``) with a fingerprint of this file and the data
-generator, so that a machine trains each once (about a minute each on a 2-core CPU).
+generator, so that a machine trains each once (55-357 s each on the shared 2-core VM, 13-17 minutes for
+all seven; recorded in each model's training.json).
 
 Usage: ``python tests/trained_hf.py [family ...]`` trains (or finds cached) and prints the
 held-out accuracy; ``trained_classifier(family)`` returns ``(model, tokenizer)``.
