@@ -29,7 +29,7 @@ def explainer_options(method: str, settings: ModelSettings) -> dict:
         return common | {"baseline": s.baseline, "n_steps": s.n_steps, "integration_method": s.integration_method,
                          "internal_batch_size": s.internal_batch_size, "precision": s.precision,
                          "memory_budget_mb": s.memory_budget_mb,
-                         "adaptive": AdaptiveSteps(s.adaptive_start, s.adaptive_max, s.max_relative_delta)}
+                         "adaptive": AdaptiveSteps(s.adaptive_start, s.adaptive_top, s.max_relative_delta)}
     if method == "occlusion":  # internal_batch_size "auto" is measured for the integration only
         batch = DEFAULT_INTERNAL_BATCH_SIZE if s.internal_batch_size == "auto" else s.internal_batch_size
         return common | {"baseline": s.baseline, "internal_batch_size": batch, "max_words": s.occlusion_max_words}
