@@ -50,11 +50,18 @@ def test_fp32_is_the_default_and_auto_is_fp32_on_cpu():
     assert default[0].precision == "fp32"
 
 
+def input_embeddings(model):
+    return next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
+
+
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
 def test_bf16_on_cpu_is_close_to_fp32(family):
     model, tok = tiny_classifier(family)
-    reference = LayerIGTextExplainer(model, tok).explain(TEXTS, TARGETS)
-    low = LayerIGTextExplainer(model, tok, precision="bf16").explain(TEXTS, TARGETS)
+    # the word embeddings, as these bounds were set for (RoBERTa's default layer is after the LayerNorm,
+    # where bf16 rounds the 50-step delta to 0.28 against 0.25 here)
+    fixed = {"n_steps": 50, "layer": input_embeddings(model)}
+    reference = LayerIGTextExplainer(model, tok, **fixed).explain(TEXTS, TARGETS)
+    low = LayerIGTextExplainer(model, tok, precision="bf16", **fixed).explain(TEXTS, TARGETS)
     for a, b in zip(reference, low):
         assert b.precision == "bf16"
         x, y = token_values(a), token_values(b)
@@ -82,8 +89,8 @@ def test_low_precision_on_cuda_is_close_to_fp32(precision):
     model, tok = tiny_classifier("bert")
     model = model.to("cuda")
     try:
-        reference = LayerIGTextExplainer(model, tok).explain(TEXTS, TARGETS)
-        explainer = LayerIGTextExplainer(model, tok, precision=precision)
+        reference = LayerIGTextExplainer(model, tok, n_steps=50).explain(TEXTS, TARGETS)
+        explainer = LayerIGTextExplainer(model, tok, precision=precision, n_steps=50)
         if precision == "auto":
             assert explainer.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
         for a, b in zip(reference, explainer.explain(TEXTS, TARGETS)):
@@ -220,7 +227,8 @@ def test_adaptive_equals_a_direct_call_at_the_final_steps():
     fixed = LayerIGTextExplainer(model, tok)
     for text, target, r in zip(TEXTS, TARGETS, result):
         direct = fixed.explain([text], [target], n_steps=r.n_steps)[0]
-        assert direct.converged is None and direct.n_steps == r.n_steps
+        assert direct.n_steps == r.n_steps
+        assert direct.converged is (direct.convergence_delta["relative"] <= fixed.adaptive.max_relative_delta)
         assert torch.allclose(token_values(direct), token_values(r), atol=1e-5)
         # the same up to float32 rounding of the logits, which the batch's padding changes (logit units)
         assert direct.convergence_delta["absolute"] == pytest.approx(r.convergence_delta["absolute"], abs=1e-5)

@@ -21,8 +21,9 @@ from tsexplain.attr.text.lig import DEFAULT_N_STEPS, LayerIGTextExplainer  # noq
 from tsexplain.attr.text.tokens import WordAttribution, aggregate_words  # noqa: E402
 
 TEXTS = ["the movie was unbelievably good , i loved it", "bad film"]
-# DeBERTa-v2 without absolute positions: see test_deberta_word_embeddings_with_pad_baseline_is_flagged.
-LAYER = {"deberta-v2": "deberta.embeddings"}
+# The families' default layers (tsexplain.attr.text.families); DeBERTa-v2 without absolute
+# positions: see test_deberta_word_embeddings_with_pad_baseline_is_flagged.
+LAYER = {"deberta-v2": "deberta.embeddings", "roberta": "roberta.embeddings", "xlm-roberta": "roberta.embeddings"}
 EMBEDDINGS = {
     "bert": "bert.embeddings.word_embeddings",
     "distilbert": "distilbert.embeddings.word_embeddings",
@@ -92,7 +93,7 @@ def test_matches_direct_captum_call(baseline):
 
 def test_delta_equals_two_plain_forward_passes():
     model, tok = tiny_classifier("bert", 0.35)
-    result = LayerIGTextExplainer(model, tok).explain(TEXTS, [1, 0])
+    result = LayerIGTextExplainer(model, tok, n_steps=50).explain(TEXTS, [1, 0])
     enc = tok(TEXTS, padding=True, return_tensors="pt", return_special_tokens_mask=True)
     content = (enc["special_tokens_mask"] == 0) & (enc["attention_mask"] == 1)
     base_ids = enc["input_ids"].masked_fill(content, tok.pad_token_id)
@@ -109,9 +110,10 @@ def test_delta_equals_two_plain_forward_passes():
 
 def test_roberta_delta_uses_the_path_start():
     """RoBERTa derives position ids from the PAD positions of input_ids, so plain
-    f(baseline ids) is not where the path starts; F(x') keeps the input's positions."""
+    f(baseline ids) is not where the path starts; F(x') keeps the input's positions
+    (on the word embeddings; the family's default layer is test_roberta_default_layer...)."""
     model, tok = tiny_classifier("roberta", 0.35)
-    result = LayerIGTextExplainer(model, tok).explain(TEXTS, [2, 1])
+    result = LayerIGTextExplainer(model, tok, layer="roberta.embeddings.word_embeddings", n_steps=50).explain(TEXTS, [2, 1])
     enc = tok(TEXTS, padding=True, return_tensors="pt", return_special_tokens_mask=True)
     content = (enc["special_tokens_mask"] == 0) & (enc["attention_mask"] == 1)
     base_ids = enc["input_ids"].masked_fill(content, tok.pad_token_id)
@@ -128,15 +130,42 @@ def test_roberta_delta_uses_the_path_start():
         assert abs(total - shifted) > 10 * explanation.convergence_delta["absolute"]
 
 
-def test_default_n_steps_converge_and_few_steps_do_not():
+def test_roberta_default_layer_starts_from_padding_and_special_tokens_get_nothing():
+    """At the family's default layer (the embeddings' output) the baseline is RoBERTa's own padding:
+    the zero PAD row at the padding position. The special tokens keep the input's positions, so they
+    are the same in x and x' and the listed tokens' attributions add up to F(x) - F(x')."""
+    model, tok = tiny_classifier("roberta", 0.35)
+    explainer = LayerIGTextExplainer(model, tok, n_steps=50)
+    assert explainer.layer_name == "roberta.embeddings"
+    result = explainer.explain(TEXTS, [2, 1])
+    enc = tok(TEXTS, padding=True, return_tensors="pt", return_special_tokens_mask=True)
+    content = (enc["special_tokens_mask"] == 0) & (enc["attention_mask"] == 1)
+    base_ids = enc["input_ids"].masked_fill(content, tok.pad_token_id)
+    pad = tok.pad_token_id
+    kept = torch.where(base_ids == pad, pad, pad + 1 + torch.arange(base_ids.shape[1]).expand_as(base_ids))
+    with torch.no_grad():
+        f_x = logits(model, enc["input_ids"], enc["attention_mask"])[:, [2, 1]].diagonal()
+        f_b = model(input_ids=base_ids, attention_mask=enc["attention_mask"], position_ids=kept).logits
+        f_b = f_b[:, [2, 1]].diagonal()
+        f_b_moved = logits(model, base_ids, enc["attention_mask"])[:, [2, 1]].diagonal()  # </s> moved up
+    for explanation, diff, moved in zip(result, (f_x - f_b).tolist(), (f_x - f_b_moved).tolist()):
+        total = sum(t.attribution for t in explanation.tokens)  # content tokens only
+        assert abs(total - diff) == pytest.approx(explanation.convergence_delta["absolute"], abs=1e-5)
+        assert explanation.convergence_delta["relative"] < 0.01 and explanation.converged is True
+        assert abs(total - moved) > 10 * explanation.convergence_delta["absolute"]
+
+
+def test_default_n_steps_are_adaptive_and_few_steps_are_flagged():
     model, tok = tiny_classifier("bert", 0.35)
     explainer = LayerIGTextExplainer(model, tok)
-    assert explainer.n_steps == DEFAULT_N_STEPS
+    assert explainer.n_steps == DEFAULT_N_STEPS == "auto"
     good = explainer.explain(TEXTS, [0, 1])
     coarse = explainer.explain(TEXTS, [0, 1], n_steps=4)
-    assert max(e.convergence_delta["relative"] for e in good) < 0.01
-    assert max(e.convergence_delta["relative"] for e in coarse) > 0.05
-    assert [e.n_steps for e in good + coarse] == [DEFAULT_N_STEPS] * 2 + [4] * 2
+    bound = explainer.adaptive.max_relative_delta
+    assert all(e.converged is True and e.convergence_delta["relative"] <= bound for e in good)
+    # a fixed n_steps is judged against the same bound: converged is a bool, never None
+    assert all(e.converged is False and e.convergence_delta["relative"] > bound for e in coarse)
+    assert [e.n_steps for e in coarse] == [4, 4] and all(e.n_steps >= explainer.adaptive.start for e in good)
 
 
 # --- model families ------------------------------------------------------------------
@@ -172,10 +201,13 @@ def test_deberta_word_embeddings_with_pad_baseline_is_flagged():
     positions and a zero PAD row: the path is flat except for a jump at alpha=0, so
     IG cannot converge; the reported delta must say so."""
     model, tok = tiny_classifier("deberta-v2")
-    explainer = LayerIGTextExplainer(model, tok)
-    assert explainer.layer_name == "deberta.embeddings.word_embeddings"
+    explainer = LayerIGTextExplainer(model, tok, layer="deberta.embeddings.word_embeddings", n_steps=50)
     result = explainer.explain(TEXTS, [0, 2])
     assert min(e.convergence_delta["relative"] for e in result) > 0.1  # vs < 1e-4 for "deberta.embeddings"
+    assert not any(e.converged for e in result)
+    default = LayerIGTextExplainer(model, tok, n_steps=50)  # the family's default layer
+    assert default.layer_name == "deberta.embeddings"
+    assert max(e.convergence_delta["relative"] for e in default.explain(TEXTS, [0, 2])) < 1e-3
 
 
 def test_layer_option_and_errors():

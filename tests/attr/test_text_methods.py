@@ -22,10 +22,11 @@ TEXTS = ["the movie was unbelievably good , i loved it", "bad film"]
 TARGETS, CONTRASTS = [0, 2], [1, 0]
 N_STEPS = 8  # parity and linearity do not need convergence
 ROBERTA_POSITIONS = ("roberta", "xlm-roberta")  # position ids derived from the PAD positions of input_ids
+# The families' default layers (tsexplain.attr.text.families): the embeddings module's output.
 # DeBERTa-v3 style: LayerNorm(word embedding) with no positions is scale-invariant, so at the word
-# embeddings grad x input is zero (Euler) and IG from a zero PAD row cannot converge: use the whole
-# embeddings module (the explainer's `layer` option).
-LAYER = {"deberta-v2": "deberta.embeddings"}
+# embeddings grad x input is zero (Euler) and IG from a zero PAD row cannot converge. RoBERTa-like:
+# the PAD baseline there is RoBERTa's own padding (no position), from which IG converges faster.
+LAYER = {"deberta-v2": "deberta.embeddings", "roberta": "roberta.embeddings", "xlm-roberta": "roberta.embeddings"}
 # internal_batch_size 3: LIG integrates and occlusion ablates in several chunks
 OPTIONS = {"layer_ig": {"n_steps": N_STEPS, "internal_batch_size": 3}, "grad_x_input": {},
            "occlusion": {"internal_batch_size": 3}}
@@ -33,6 +34,14 @@ OPTIONS = {"layer_ig": {"n_steps": N_STEPS, "internal_batch_size": 3}, "grad_x_i
 
 def layer_of(model, family):
     return dict(model.named_modules())[LAYER[family]] if family in LAYER else model.get_input_embeddings()
+
+
+def roberta_positions(ids, pad_id):
+    """RoBERTa's rule for a right-padded input, applied to every token: a PAD token gets the padding
+    position, every other token its place. A baseline (content replaced by PAD) thus keeps its special
+    tokens where the input has them, where RoBERTa's own rule would move the ones after the PAD tokens."""
+    places = pad_id + 1 + torch.arange(ids.shape[1]).expand_as(ids)
+    return torch.where(ids == pad_id, pad_id, places)
 
 
 def model_inputs(model, enc):
@@ -88,7 +97,8 @@ def captum_lig(model, tok, family, targets, contrasts=None):
     baselines = ids.masked_fill(content, tok.pad_token_id)
 
     def forward(input_ids, *extra):
-        return model(input_ids=input_ids, **dict(zip(names, extra))).logits
+        positions = {"position_ids": roberta_positions(input_ids, tok.pad_token_id)} if family in ROBERTA_POSITIONS else {}
+        return model(input_ids=input_ids, **dict(zip(names, extra)), **positions).logits
 
     lig = LayerIntegratedGradients(forward, layer_of(model, family))
     attr = lig.attribute(ids, baselines=baselines, target=targets, additional_forward_args=tuple(inputs.values()),
@@ -118,12 +128,12 @@ def occlusion_loop(model, tok, family, targets, contrasts=None):
         content = enc.pop("special_tokens_mask")[0] == 0
         offsets = enc.pop("offset_mapping")[0][content].tolist()
         inputs = model_inputs(model, enc)
-        if family in ROBERTA_POSITIONS:  # keep the unoccluded text's positions
-            inputs["position_ids"] = tok.pad_token_id + 1 + torch.arange(enc["input_ids"].shape[1])[None]
         positions = content.nonzero().flatten()
 
         def score(ids):
-            logits = model(**{**inputs, "input_ids": ids}).logits
+            # RoBERTa: the occluded pieces become padding (no position), the other tokens do not move
+            extra = {"position_ids": roberta_positions(ids, tok.pad_token_id)} if family in ROBERTA_POSITIONS else {}
+            logits = model(**{**inputs, "input_ids": ids}, **extra).logits
             return scores(logits, [targets[i]], None if contrasts is None else [contrasts[i]]).item()
 
         with torch.no_grad():
@@ -163,7 +173,9 @@ def assert_close(got, want, rel=1e-4):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_method_on_family(family, method):
     model, tok = tiny_classifier(family)
-    explainer = make_text_explainer(method, model, tok, layer=LAYER.get(family), **OPTIONS[method])
+    explainer = make_text_explainer(method, model, tok, **OPTIONS[method])  # the family's default layer
+    assert explainer.layer_name == LAYER.get(family, next(n for n, m in model.named_modules()
+                                                          if m is model.get_input_embeddings()))
     with torch.no_grad():  # the explainer must enable gradients itself where it needs them
         plain = explainer.explain(TEXTS, TARGETS, top_k=2)
     other = explainer.explain(TEXTS, CONTRASTS)
@@ -242,8 +254,8 @@ def test_occlusion_chunking_and_word_cap():
 def test_grad_x_input_vanishes_on_deberta_word_embeddings():
     """Why LAYER["deberta-v2"]: LayerNorm(z) is scale-invariant, so z . dF/dz = 0."""
     model, tok = tiny_classifier("deberta-v2")
-    flat = GradXInputTextExplainer(model, tok).explain(TEXTS, TARGETS)
-    useful = GradXInputTextExplainer(model, tok, layer="deberta.embeddings").explain(TEXTS, TARGETS)
+    flat = GradXInputTextExplainer(model, tok, layer="deberta.embeddings.word_embeddings").explain(TEXTS, TARGETS)
+    useful = GradXInputTextExplainer(model, tok).explain(TEXTS, TARGETS)  # the family's default
     for a, b in zip(flat, useful):
         assert max(abs(t.attribution) for t in a.tokens) < 1e-3 * max(abs(t.attribution) for t in b.tokens)
 

@@ -99,3 +99,32 @@ def test_image_request_past_its_deadline_gets_504_alone(tmp_path):
     assert all(not m._forward_pre_hooks and not m._forward_hooks and not m._backward_hooks for m in model.modules())
     assert no_hooks_left()
     assert all(p.grad is None for p in model.parameters()) and torch.is_grad_enabled()
+
+
+def test_adaptive_steps_near_the_deadline_answer_the_last_round_unconverged(tmp_path):
+    """docs/design.md, "Adaptive steps near a deadline": the doubling stops where the deadline leaves
+    no time for the next round, and the answer is the last round's result, flagged unconverged (a 200,
+    not a 504). The bound is unreachable and every forward sleeps 50 ms, so the rounds take at least
+    0.35, 0.45, 0.65, 1.05, 1.85, 3.45, 6.65, 13 s (8 ... 1024 steps, 4 steps per pass; 8 to 512 in all
+    take 14.5 s): a 10 s deadline always cuts the doubling, and leaves the first round (2.3 s measured on
+    a 2-core machine at load average 10) time enough after a warm-up."""
+    config = {"explain": {"n_steps": "auto", "adaptive_max": 1024, "max_n_steps": 1024, "max_relative_delta": 1e-12,
+                          "internal_batch_size": 4, "deadline_ms": 60_000, "cache_mb": 0}}
+    mar = build_text_mar(tmp_path, "tiny", config=config)
+    handler = InProcessHandler(unpack(mar, tmp_path / "unpacked"), "text_explainer", "TextExplainer")
+    model = handler.handler.model
+    assert handler([({"data": "warm up", "n_steps": 8}, EXPLAIN)])[0][0] == 200  # first-call costs, untimed
+    slow = sleeping(model.get_input_embeddings(), 0.05)
+    try:
+        [(status, body)] = handler([({"data": "the soup was cold", "target": 0, "deadline_ms": 10_000}, EXPLAIN)])
+    finally:
+        slow.remove()
+    assert status == 200, body
+    e = body["explanation"]
+    assert e["converged"] is False and 8 <= e["n_steps"] < 1024
+    assert timed_out_count(handler) == 0
+    # the answer is that round's result: the same as a direct call at its n_steps
+    direct = handler.handler.runner.explainers["layer_ig"].explain(["the soup was cold"], [0], n_steps=e["n_steps"])[0]
+    np.testing.assert_allclose([t["attribution"] for t in e["tokens"]], [t.attribution for t in direct.tokens],
+                               rtol=1e-4, atol=1e-6)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules()) and no_hooks_left()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from captum.attr import LayerIntegratedGradients
 
-from harness import EXPLAIN, InProcessHandler, build_text_mar, unpack
+from harness import EXPLAIN, InProcessHandler, build_mar, build_text_mar, unpack
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -122,4 +122,36 @@ def test_handler_serves_the_speed_settings(tmp_path):
     assert adaptive["precision"] == "bf16" and adaptive["converged"] in (True, False)
     assert adaptive["n_steps"] in (2, 4, 8, 16, 32)
     assert adaptive["converged"] == (adaptive["convergence_delta"]["relative"] <= 0.01)
-    assert fixed["n_steps"] == 8 and fixed["converged"] is None
+    assert fixed["n_steps"] == 8 and fixed["converged"] == (fixed["convergence_delta"]["relative"] <= 0.01)
+
+
+def test_defaults_apply_through_the_handler(tmp_path):
+    """A MAR without explain settings, of a small trained RoBERTa: the family's layer, adaptive steps,
+    ``converged`` a bool judged against the default bound, and the same answer as the explainer's
+    defaults called directly."""
+    import yaml
+
+    from trained_hf import CACHE, heldout, trained_classifier
+    from tsexplain.attr.text.lig import LayerIGTextExplainer
+
+    model, tokenizer = trained_classifier("roberta")  # trained once per machine, cached under build/
+    config = tmp_path / "empty.yaml"
+    config.write_text(yaml.safe_dump({}))
+    build_mar.main(["text", "--name", "roberta", "--model-dir", str(CACHE / "roberta"), "--config", str(config),
+                    "--export-path", str(tmp_path / "store")])
+    handler = InProcessHandler(unpack(tmp_path / "store" / "roberta.mar", tmp_path / "unpacked"),
+                               "text_explainer", "TextExplainer")
+    texts = [s.text for s in heldout(6)]
+    out = handler([({"data": text}, EXPLAIN) for text in texts] + [({"data": texts[0], "n_steps": 2}, EXPLAIN)])
+    assert [status for status, _ in out] == [200] * 7
+    direct = LayerIGTextExplainer(model, tokenizer).explain(texts, [body["predictions"][0]["index"] for _, body in out[:6]])
+    for (_, body), expected in zip(out[:6], direct):
+        e = body["explanation"]
+        assert e["layer"] == "roberta.embeddings" and e["integration"] == "gausslegendre"
+        assert e["converged"] is (e["convergence_delta"]["relative"] <= 0.05)
+        assert e["n_steps"] == expected.n_steps and e["n_steps"] in (8, 16, 32, 64, 128, 256)
+        np.testing.assert_allclose([t["attribution"] for t in e["tokens"]],
+                                   [t.attribution for t in expected.tokens], rtol=1e-4, atol=1e-6)
+    assert sum(body["explanation"]["converged"] for _, body in out[:6]) >= 5
+    coarse = out[6][1]["explanation"]  # a fixed n_steps asked for: judged against the same bound
+    assert coarse["n_steps"] == 2 and coarse["converged"] is (coarse["convergence_delta"]["relative"] <= 0.05)

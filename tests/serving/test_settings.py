@@ -94,6 +94,22 @@ def test_speed_and_cache_settings_validated(section, message):
         TextExplainSettings(**section)
 
 
+def test_adaptive_max_left_out_follows_a_lower_max_n_steps():
+    """The default adaptive steps must not break a configuration that only lowers max_n_steps;
+    an adaptive_max set above it is still an error (the parametrized cases above)."""
+    from tsexplain.serving.runners.text import explainer_options
+    from tsexplain.serving.settings import DEFAULT_ADAPTIVE_MAX, TextExplainSettings
+
+    assert TextExplainSettings().adaptive_top == DEFAULT_ADAPTIVE_MAX == 256
+    low = TextExplainSettings(max_n_steps=64)
+    assert low.n_steps == "auto" and low.adaptive_max is None and low.adaptive_top == 64
+    assert TextExplainSettings(max_n_steps=64, adaptive_max=32).adaptive_top == 32
+    settings = type("Settings", (), {"explain": low, "handler": type("Handler", (), {"max_length": None})()})()
+    assert explainer_options("layer_ig", settings)["adaptive"].max == 64
+    with pytest.raises(ConfigError, match="adaptive_start"):
+        TextExplainSettings(max_n_steps=4)  # adaptive_start 8 cannot fit: said, not silently changed
+
+
 def test_speed_and_cache_settings_accept_auto():
     from tsexplain.serving.settings import TextExplainSettings
 

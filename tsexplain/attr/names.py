@@ -18,8 +18,8 @@ INTEGRATING_METHODS = ("layer_ig", "integrated_gradients")  # the methods that t
 # captum's integration rules; Gauss-Legendre converges much faster than the Riemann ones.
 INTEGRATION_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 
-# Text baselines: every content token replaced by this special token.
-BASELINES = ("pad", "unk", "mask")
+# Text baselines: every content token replaced by this special token ("auto": the family's, else PAD).
+BASELINES = ("auto", "pad", "unk", "mask")
 
 # Autocast precision of the path's forward passes (fp16 on CUDA only; auto: bf16 where supported).
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")

@@ -258,6 +258,9 @@ class TextModelSettings:
         check(is_int(self.max_text_chars, 1, 1 << 30), "handler.max_text_chars must be a positive int")
 
 
+DEFAULT_ADAPTIVE_MAX = 256  # text explain.adaptive_max when left out (capped by max_n_steps)
+
+
 @dataclass(frozen=True)
 class TextExplainSettings(ExplainAccessSettings):
     """The ``explain:`` section of a text model.
@@ -266,10 +269,13 @@ class TextExplainSettings(ExplainAccessSettings):
     choose (``layer_ig``, ``grad_x_input``, ``occlusion``; default all: each one's
     cost is bounded, by ``max_n_steps`` for Layer IG and ``occlusion_max_words``
     for occlusion, and grad x input costs one backward pass).
-    ``layer``: dotted module name; ``None`` uses ``get_input_embeddings()``.
-    ``n_steps`` is the default (``auto``: adaptive, from ``adaptive_start`` doubling
-    up to ``adaptive_max`` until the relative delta is at most
-    ``max_relative_delta``); a request may ask for up to ``max_n_steps``.
+    ``layer``: dotted module name; ``None``: the family's measured default
+    (``tsexplain.attr.text.families``), else ``get_input_embeddings()``. ``baseline``:
+    ``auto`` (the family's: MASK for ModernBERT, else PAD), ``pad``, ``unk`` or ``mask``.
+    ``n_steps`` is the default (``auto``, the default: adaptive, from ``adaptive_start``
+    doubling up to ``adaptive_max`` (left out: 256, capped by ``max_n_steps``) until the relative delta is at most
+    ``max_relative_delta``, within the request's deadline); a request may ask for up to
+    ``max_n_steps``. ``converged`` in an answer is judged against ``max_relative_delta``.
     ``precision``: ``fp32`` | ``bf16`` | ``fp16`` (CUDA only) | ``auto``.
     ``internal_batch_size``: rows per pass, or ``auto`` from ``memory_budget_mb``.
     """
@@ -279,8 +285,8 @@ class TextExplainSettings(ExplainAccessSettings):
     method: str = "layer_ig"
     methods: list = field(default_factory=lambda: list(TEXT_METHODS))
     layer: Optional[str] = None
-    baseline: str = "pad"
-    n_steps: int = 50
+    baseline: str = "auto"
+    n_steps: Any = "auto"
     max_n_steps: int = 256
     integration_method: str = "gausslegendre"
     internal_batch_size: Any = 64
@@ -289,9 +295,16 @@ class TextExplainSettings(ExplainAccessSettings):
     precision: str = "fp32"
     memory_budget_mb: float = 1024
     adaptive_start: int = 8
-    adaptive_max: int = 128
+    adaptive_max: Optional[int] = None  # None: DEFAULT_ADAPTIVE_MAX, capped by max_n_steps
     max_relative_delta: float = 0.05
     occlusion_max_words: int = 256
+
+    @property
+    def adaptive_top(self) -> int:
+        """The adaptive schedule's largest step count: ``adaptive_max``, or when it is left out
+        :data:`DEFAULT_ADAPTIVE_MAX` capped by ``max_n_steps`` (so that a configuration that only
+        lowers ``max_n_steps`` keeps working with the default adaptive steps)."""
+        return min(DEFAULT_ADAPTIVE_MAX, self.max_n_steps) if self.adaptive_max is None else self.adaptive_max
 
     def __post_init__(self):
         super().__post_init__()
@@ -304,10 +317,12 @@ class TextExplainSettings(ExplainAccessSettings):
                f"explain.max_n_steps must be an int in [1, {MAX_N_STEPS[TEXT]}]")
         check(self.n_steps == "auto" or is_int(self.n_steps, 1, self.max_n_steps),
                "explain.n_steps must be an int in [1, max_n_steps] or auto")
-        check(is_int(self.adaptive_max, 1, 1024), "explain.adaptive_max must be an int in [1, 1024]")
-        check(self.n_steps != "auto" or self.adaptive_max <= self.max_n_steps,
+        check(self.adaptive_max is None or is_int(self.adaptive_max, 1, 1024),
+               "explain.adaptive_max must be an int in [1, 1024]")
+        check(self.n_steps != "auto" or self.adaptive_max is None or self.adaptive_max <= self.max_n_steps,
                "explain.adaptive_max must not exceed max_n_steps when n_steps is auto")
-        check(is_int(self.adaptive_start, 1, self.adaptive_max), "explain.adaptive_start must be an int in [1, adaptive_max]")
+        check(is_int(self.adaptive_start, 1, self.adaptive_top),
+               f"explain.adaptive_start must be an int in [1, adaptive_max] (adaptive_max here: {self.adaptive_top})")
         check(isinstance(self.max_relative_delta, (int, float)) and not isinstance(self.max_relative_delta, bool)
                and 0 < self.max_relative_delta < float("inf"), "explain.max_relative_delta must be a positive number")
         check(self.precision in PRECISIONS, f"explain.precision must be one of {list(PRECISIONS)}")

@@ -6,7 +6,6 @@ The entry point is :class:`LayerIGTextExplainer`.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -14,35 +13,14 @@ import torch
 from captum.attr import LayerIntegratedGradients
 
 from ..names import INTEGRATION_METHODS, MAX_TEXT_N_STEPS, PRECISIONS
+from .adaptive import AdaptiveSteps, TimeLimits, is_steps, run_schedule
 from .model import Encoded, TextModel, class_indices, class_score
 from .tokens import TextExplanation
 
-DEFAULT_N_STEPS = 50
+DEFAULT_N_STEPS = "auto"  # adaptive: see AdaptiveSteps
 DEFAULT_INTERNAL_BATCH_SIZE = 64
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class AdaptiveSteps:
-    """Adaptive number of integration steps (``n_steps="auto"``).
-
-    Every text starts at ``start`` steps; the texts whose relative convergence
-    delta exceeds ``max_relative_delta`` are recomputed with twice the steps, up to
-    ``max``. Texts that converged are not recomputed, so a text's answer equals a
-    direct call at its final ``n_steps``.
-    """
-
-    start: int = 8
-    max: int = 128
-    max_relative_delta: float = 0.05
-
-    def __post_init__(self):
-        if not (_is_steps(self.start) and _is_steps(self.max) and self.start <= self.max):
-            raise ValueError(f"adaptive steps need integers 1 <= start <= max <= {MAX_TEXT_N_STEPS}, "
-                             f"got {self.start}, {self.max}")
-        bound = self.max_relative_delta
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
-            raise ValueError(f"max_relative_delta must be a positive number, got {bound!r}")
+__all__ = ["AdaptiveSteps", "LayerIGTextExplainer", "TimeLimits", "ActivationCost", "check_n_steps"]
 
 
 @dataclass(frozen=True)
@@ -99,19 +77,15 @@ class LayerIGTextExplainer:
 
     Args:
         model, tokenizer, layer, baseline, max_length: see
-            :class:`~tsexplain.attr.text.model.TextModel`. DeBERTa-v2/v3 without
-            absolute positions (``position_biased_input=False``) normalise the bare
-            word embedding and their PAD row is zero, so along the path the output
-            only changes at alpha=0 and IG cannot converge (large delta): use
-            ``"deberta.embeddings"`` there (or ``baseline="mask"``).
-        n_steps: integration steps, default 50 (captum's default), or ``"auto"``
-            for ``adaptive`` steps. Measured on
-            tiny random classifiers (hidden 32, 2 layers, weight std 0.35 so the
-            target logit moves by 0.1-3), largest relative delta over 5 texts at
-            16 / 32 / 50 Gauss-Legendre steps: BERT 3e-3 / 3e-6 / 2e-6, RoBERTa
-            1e-1 / 2e-4 / 9e-6, XLM-R 2e-2 / 7e-4 / 1e-6, ELECTRA 2e-1 / 2e-2 /
-            6e-3. Paths with ReLU kinks (DistilBERT's head) converge more slowly:
-            check ``convergence_delta`` and raise ``n_steps`` when it is large.
+            :class:`~tsexplain.attr.text.model.TextModel`; left open, the layer and
+            baseline are the family's measured defaults (:mod:`.families`: e.g.
+            ``deberta.embeddings`` for DeBERTa-v2/v3 without absolute positions,
+            whose bare word embedding is normalised, so that from the zero PAD row
+            the path only changes near alpha=0 and IG cannot converge there).
+        n_steps: ``"auto"`` (default): the ``adaptive`` schedule, until the relative
+            delta is within its ``max_relative_delta``; or a fixed number of
+            integration steps. Figures per family on briefly trained models:
+            README "Convergence by family" (``benchmarks/lig_convergence.py``).
         integration_method: one of :data:`~tsexplain.attr.names.INTEGRATION_METHODS`;
             Gauss-Legendre converges much faster than the Riemann rules.
         internal_batch_size: at most this many (text, step) rows per forward /
@@ -147,7 +121,7 @@ class LayerIGTextExplainer:
         model: torch.nn.Module,
         tokenizer,
         layer: str | None = None,
-        baseline: str = "pad",
+        baseline: str = "auto",
         n_steps: Union[int, str] = DEFAULT_N_STEPS,
         integration_method: str = "gausslegendre",
         internal_batch_size: Union[int, str, None] = DEFAULT_INTERNAL_BATCH_SIZE,
@@ -188,6 +162,7 @@ class LayerIGTextExplainer:
         n_steps: Union[int, str, None] = None,
         top_k: int = 5,
         contrast: list[int | None] | None = None,
+        limits: Optional[TimeLimits] = None,
     ) -> list[TextExplanation]:
         """Explain ``targets[i]`` (a class index) for ``texts[i]``.
 
@@ -205,11 +180,16 @@ class LayerIGTextExplainer:
             top_k: number of words in ``top_words`` (largest ``|attribution|`` first).
             contrast: None, or one class index (or None) per text: explain
                 ``logit[target] - logit[contrast]`` for that text.
+            limits: with adaptive steps, when each text is due (:class:`TimeLimits`):
+                a text whose next round would end late keeps its last round's result,
+                unconverged (see :mod:`.adaptive`). Ignored with a fixed ``n_steps``.
 
         Returns:
             One :class:`TextExplanation` per text, in order. ``tokens`` excludes
             special tokens and padding; ``words`` come from
-            :func:`~tsexplain.attr.text.tokens.aggregate_words`.
+            :func:`~tsexplain.attr.text.tokens.aggregate_words`. ``converged`` is
+            whether the relative delta is at most the adaptive schedule's
+            ``max_relative_delta``, with fixed steps too.
 
         Raises:
             EmptyText, UnknownClass, SameClass: see :meth:`TextModel.check`.
@@ -221,36 +201,21 @@ class LayerIGTextExplainer:
             return []
         encoded = self.text.encode(texts)
         classes = list(zip(targets, contrast))
+        bound = self.adaptive.max_relative_delta
         if n_steps != "auto":
             per_token, absolute, relative = self._integrate(encoded, classes, list(range(len(texts))), n_steps)
-            steps_used, converged = n_steps, None
+            steps_used, converged = n_steps, [bool(r <= bound) for r in relative]
         else:
-            per_token, absolute, relative, steps_used, converged = self._integrate_adaptive(encoded, classes)
+            if limits is not None and len(limits.seconds_left) != len(texts):
+                raise ValueError("need one time limit (or None) per text")
+            outcome = run_schedule(lambda indices, steps: self._integrate(encoded, classes, indices, steps),
+                                   len(texts), self.adaptive, limits)
+            per_token, absolute, relative = outcome.values, outcome.absolute, outcome.relative
+            steps_used, converged = outcome.n_steps, outcome.converged
         deltas = [{"absolute": float(a), "relative": float(r)} for a, r in zip(absolute, relative)]
         return self.text.explanations(texts, encoded, per_token, targets, contrast, top_k, n_steps=steps_used,
                                       method=self.integration_method, convergence_delta=deltas,
                                       precision=self.precision, converged=converged)
-
-    def _integrate_adaptive(self, encoded: Encoded, classes):
-        """Doubling schedule of :class:`AdaptiveSteps`: only unconverged texts are recomputed."""
-        schedule = self.adaptive
-        n = len(encoded.rows)
-        per_token, absolute, relative = [None] * n, [0.0] * n, [0.0] * n
-        steps_used, converged = [0] * n, [False] * n
-        pending, steps = list(range(n)), schedule.start
-        while pending:
-            values, abs_delta, rel_delta = self._integrate(encoded, classes, pending, steps)
-            still = []
-            for k, i in enumerate(pending):
-                per_token[i], absolute[i], relative[i] = values[k], abs_delta[k], rel_delta[k]
-                steps_used[i] = steps
-                converged[i] = bool(rel_delta[k] <= schedule.max_relative_delta)
-                if not converged[i]:
-                    still.append(i)
-            if steps >= schedule.max:
-                break
-            pending, steps = still, min(2 * steps, schedule.max)
-        return per_token, absolute, relative, steps_used, converged
 
     def _integrate(self, encoded: Encoded, classes, indices, n_steps):
         """Per-token attributions (float64, padded width) and deltas for texts ``indices``;
@@ -383,13 +348,9 @@ class LayerIGTextExplainer:
         return measured
 
 
-def _is_steps(n_steps):
-    return isinstance(n_steps, int) and not isinstance(n_steps, bool) and 1 <= n_steps <= MAX_TEXT_N_STEPS
-
-
 def check_n_steps(n_steps):
     """``n_steps`` when it is an int in [1, MAX_TEXT_N_STEPS] or ``"auto"``; ValueError otherwise."""
-    if n_steps != "auto" and not _is_steps(n_steps):
+    if n_steps != "auto" and not is_steps(n_steps):
         raise ValueError(f"n_steps must be an integer in [1, {MAX_TEXT_N_STEPS}] or 'auto', got {n_steps!r}")
     return n_steps
 

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import EmptyText, SameClass, UnknownClass
 from ..names import BASELINES
+from .families import EMBEDDINGS_OUTPUT, FamilyDefaults, defaults_for, embeddings_owner
 from .tokens import TextExplanation, TokenAttribution, aggregate_words, top_words
 
 
@@ -71,9 +72,12 @@ class TextModel:
         tokenizer: a *fast* Hugging Face tokenizer (offsets and word ids needed).
         layer: dotted module name inside ``model`` whose output is attributed, e.g.
             ``"bert.embeddings.word_embeddings"``; its output must be a tensor of
-            shape ``(batch, seq, ...)``. None: ``model.get_input_embeddings()``.
+            shape ``(batch, seq, ...)``. None: the family's measured default
+            (:mod:`.families`: the embeddings' output for RoBERTa, XLM-R and DeBERTa
+            without absolute positions), else ``model.get_input_embeddings()``.
         baseline: the token every content token is replaced by in the baseline:
-            ``"pad"`` (default), ``"unk"`` or ``"mask"``.
+            ``"pad"``, ``"unk"`` or ``"mask"``, or ``"auto"`` (default): the family's
+            measured default (MASK for ModernBERT), else PAD.
         max_length: token budget per text, special tokens included. None: the
             tokenizer's ``model_max_length`` capped by the model's usable position
             embeddings.
@@ -83,18 +87,22 @@ class TextModel:
             tokenizer, or a bad ``max_length``.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, layer: str | None = None, baseline: str = "pad",
+    def __init__(self, model: torch.nn.Module, tokenizer, layer: str | None = None, baseline: str = "auto",
                  max_length: int | None = None):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("a fast (Rust) tokenizer is required for character offsets")
         self.model = model
         self.tokenizer = tokenizer
-        self.layer_name, self.layer = _resolve_layer(model, layer)
-        self.baseline_id = _baseline_id(tokenizer, baseline)
+        family = defaults_for(model)
+        self.layer_name, self.layer = _resolve_layer(model, layer, family)
+        self.baseline = family.baseline if baseline == "auto" else baseline
+        self.baseline_id = _baseline_id(tokenizer, self.baseline)
         self.device = _device(model)
         self.max_length = _max_length(model, tokenizer, max_length)
         self.num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-        self.uses_token_type_ids = "token_type_ids" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self.uses_token_type_ids = "token_type_ids" in parameters
+        self.position_padding_idx = _position_padding_idx(model) if "position_ids" in parameters else None
 
     # -- requests ----------------------------------------------------------------
 
@@ -194,9 +202,19 @@ class TextModel:
     # -- the model ---------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """The logits. RoBERTa-like models (position ids derived from the PAD positions of
+        ``input_ids``) get explicit position ids: a PAD token (the position embeddings'
+        ``padding_idx``, their PAD id) gets the padding position,
+        every other token its place in the sequence, as their own rule gives for a
+        right-padded input. A baseline's special tokens then keep the input's positions
+        (the model's rule would shift the ones after the PAD tokens)."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
+        if self.position_padding_idx is not None:
+            pad = self.position_padding_idx
+            places = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids) + pad + 1
+            kwargs["position_ids"] = torch.where(input_ids == pad, pad, places)
         out = self.model(**kwargs)
         if hasattr(out, "logits"):
             return out.logits
@@ -266,21 +284,33 @@ class TextModel:
         return results
 
 
-def _resolve_layer(model, name):
+def _resolve_layer(model, name, family: FamilyDefaults):
     modules = dict(model.named_modules())
     if name is None:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         found = [n for n, m in modules.items() if m is embeddings]
         if embeddings is None or not found:
             raise ValueError("model has no input embeddings; name a layer (a dotted module name)")
+        if family.layer == EMBEDDINGS_OUTPUT:
+            owner = embeddings_owner(model, found[0])
+            return owner, modules[owner]
         return found[0], embeddings
     if name not in modules or not name:
         raise ValueError(f"layer {name!r} is not a module of {type(model).__name__} (see model.named_modules())")
     return name, modules[name]
 
 
+def _position_padding_idx(model) -> Optional[int]:
+    """The padding position of RoBERTa-like position embeddings (an ``nn.Embedding`` named
+    ``position_embeddings`` with a ``padding_idx``), else None."""
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding):
+            return module.padding_idx
+    return None
+
+
 def _baseline_id(tokenizer, baseline):
-    if baseline not in BASELINES:
+    if baseline not in BASELINES or baseline == "auto":
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     token_id = getattr(tokenizer, f"{baseline}_token_id", None)
     if token_id is None:

@@ -50,7 +50,7 @@ class OcclusionTextExplainer:
         model: torch.nn.Module,
         tokenizer,
         layer: str | None = None,
-        baseline: str = "pad",
+        baseline: str = "auto",
         internal_batch_size: int = DEFAULT_INTERNAL_BATCH_SIZE,
         max_length: int | None = None,
         max_words: int | None = DEFAULT_MAX_WORDS,

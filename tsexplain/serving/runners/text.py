@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from ...attr.text import make_text_explainer
-from ...attr.text.lig import DEFAULT_INTERNAL_BATCH_SIZE, AdaptiveSteps
+from ...attr.text.lig import DEFAULT_INTERNAL_BATCH_SIZE, AdaptiveSteps, TimeLimits
 from ...attr.text.tokens import WordAttribution
-from ..errors import ConfigError
+from ..deadline import Deadline
+from ..errors import ConfigError, DeadlineExceeded
 from ..schema import TEXT
 from ..settings import ModelSettings
 from .base import Item, Runner
@@ -28,7 +29,7 @@ def explainer_options(method: str, settings: ModelSettings) -> dict:
         return common | {"baseline": s.baseline, "n_steps": s.n_steps, "integration_method": s.integration_method,
                          "internal_batch_size": s.internal_batch_size, "precision": s.precision,
                          "memory_budget_mb": s.memory_budget_mb,
-                         "adaptive": AdaptiveSteps(s.adaptive_start, s.adaptive_max, s.max_relative_delta)}
+                         "adaptive": AdaptiveSteps(s.adaptive_start, s.adaptive_top, s.max_relative_delta)}
     if method == "occlusion":  # internal_batch_size "auto" is measured for the integration only
         batch = DEFAULT_INTERNAL_BATCH_SIZE if s.internal_batch_size == "auto" else s.internal_batch_size
         return common | {"baseline": s.baseline, "internal_batch_size": batch, "max_words": s.occlusion_max_words}
@@ -109,9 +110,13 @@ class TextRunner(Runner):
 
     def explain(self, items: list[Item]) -> list:
         first = items[0]
+        # adaptive Layer IG stops a text's doubling where its deadline leaves no time for the next
+        # round (docs/design.md, "Adaptive steps near a deadline")
+        limits = {"limits": TimeLimits([seconds_left(item.deadline) for item in items], (DeadlineExceeded,))} \
+            if first.method == "layer_ig" else {}
         return self.explainers[first.method].explain(
             [item.inputs for item in items], [item.explained_class for item in items], n_steps=first.options["n_steps"],
-            top_k=first.options["top_k"], contrast=[item.contrast for item in items])
+            top_k=first.options["top_k"], contrast=[item.contrast for item in items], **limits)
 
     def render(self, item: Item) -> dict:
         result = item.result
@@ -124,6 +129,11 @@ class TextRunner(Runner):
         if item.options["html"]:
             body["html"] = render_html(result.words, item.inputs)
         return body
+
+
+def seconds_left(deadline: Deadline | None):
+    """A callable giving the seconds left before ``deadline``, or None for none."""
+    return None if deadline is None else (lambda: deadline.remaining_ms() / 1000)
 
 
 def render_html(words: list[WordAttribution], text: str) -> str:
