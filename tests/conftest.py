@@ -8,6 +8,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of small models: avoids oversubscription on shared CPUs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_store():
     """build/test_model_store with shapes.mar and reviews.mar built from the current code."""

@@ -71,13 +71,7 @@ HF_VIT = dict(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=16, 
               intermediate_size=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are small: one thread avoids oversubscription on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # family: (builder, input size, expected layer, layout)

@@ -18,12 +18,7 @@ from tsexplain.attr.layer_choice import (LayerChoiceError, candidate_layers, cho
 from tsexplain.attr.layers import LayerGrid, get_layer, known_layer, spatial_grids, tokens_to_grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
