@@ -118,7 +118,7 @@ def test_text_records_hold_the_attributions_and_the_effective_parameters(tmp_pat
     assert recorded["explanation"]["words"] == answered["words"] and "html" not in recorded["explanation"]
     assert recorded["converged"] == answered["converged"] is not None
     assert recorded["parameters"]["n_steps"] == answered["n_steps"] and recorded["parameters"]["adaptive"] == {
-        "start": 8, "max": 128, "max_relative_delta": 0.05}
+        "start": 8, "max": 256, "max_relative_delta": 0.05}  # max: the effective cap, adaptive_max left out
     assert {k: recorded["parameters"][k] for k in ("layer", "integration", "precision", "baseline")} == {
         "layer": answered["layer"], "integration": "gausslegendre", "precision": "fp32", "baseline": "pad"}
     assert recorded["input"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()

@@ -27,7 +27,8 @@ def handler(tmp_path_factory):
 @pytest.fixture(scope="module")
 def default_handler(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("default_mar")
-    mar = build_image_mar(tmp, "pets_default", labels=LABELS, config={"handler": {"resize": 40, "crop": 32}})
+    # 64 pixels: ResNet's layer4 (the default layer) is a 2x2 grid; at 32 it is 1x1 and the build refuses it
+    mar = build_image_mar(tmp, "pets_default", labels=LABELS, config={"handler": {"resize": 72, "crop": 64}})
     return InProcessHandler(unpack(mar, tmp / "unpacked"), "image_explainer", "ImageExplainer")
 
 

@@ -182,9 +182,12 @@ def reference_model(zoo, name):
         last = len(model.model.vit.layers) - 1
         return model, hf_preprocessing(folder), f"model.vit.layers.{last}.layernorm_before", \
             lambda t: vit_reshape(t, 4, 4)
-    # Swin: the final norm, the last stage's tokens [N, h*w, C] with no class token (pytorch-grad-cam's
-    # reshape for Hugging Face's Swin); its stages answer tuples, which a hook cannot read as a grid
-    return model, hf_preprocessing(folder), "model.swin.layernorm", tokens_grid
+    # Swin: the last block's first LayerNorm (tsexplain.attr.layers, chosen by the pointing test), the last
+    # stage's tokens [N, h*w, C] with no class token (pytorch-grad-cam's reshape for Hugging Face's Swin)
+    stage = len(model.model.swin.encoder.layers) - 1
+    block = len(model.model.swin.encoder.layers[stage].blocks) - 1
+    return model, hf_preprocessing(folder), f"model.swin.encoder.layers.{stage}.blocks.{block}.layernorm_before", \
+        tokens_grid
 
 
 @pytest.mark.parametrize("name", ["tinynet", "by-hand", "timm-resnet18", "convnext", "timm-vit", "vit", "hf-swin"])

@@ -2,7 +2,7 @@
 configs, offline tokenizers) packaged with ``build_mar.sh text`` as a user packages them,
 served by one real TorchServe with their default settings, and checked against
 independent computations: predictions against the model's own softmax, Layer IG against
-captum's ``LayerIntegratedGradients`` on the input embeddings from the PAD baseline."""
+captum's ``LayerIntegratedGradients`` at each family's documented default layer and baseline."""
 import json
 
 import numpy as np
@@ -64,15 +64,28 @@ def post(server, route, model, payload):
     return status, json.loads(raw)
 
 
-def captum_layer_ig(model, tokenizer, text, target, n_steps):
-    """Per-token attributions of the content tokens, captum on the input embeddings, PAD baseline."""
+def captum_layer_ig(model, tokenizer, text, family, target, n_steps):
+    """Per-token attributions of the content tokens by captum, at each family's documented default
+    (tsexplain.attr.text.families, written out here): BERT and DistilBERT on the input embeddings from
+    the PAD baseline; ModernBERT there from the MASK baseline; RoBERTa on the embeddings' output from
+    its own padding (the PAD row at the padding position, the special tokens at their positions)."""
     enc = tokenizer([text], return_tensors="pt", return_special_tokens_mask=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
     content = enc["special_tokens_mask"][0] == 0
-    baseline = enc["input_ids"].masked_fill(content[None], tokenizer.pad_token_id)
-    forward = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
-    lig = LayerIntegratedGradients(forward, model.get_input_embeddings())
-    attributions = lig.attribute(enc["input_ids"], baselines=baseline, target=target, n_steps=n_steps,
-                                 method="gausslegendre", additional_forward_args=(enc["attention_mask"],))
+    filler = tokenizer.mask_token_id if family == "modernbert" else tokenizer.pad_token_id
+    baseline = ids.masked_fill(content[None], filler)
+    if family == "roberta":
+        pad = tokenizer.pad_token_id
+        positions = pad + 1 + torch.arange(ids.shape[1])[None]
+        forward = lambda i, p, m: model(input_ids=i, position_ids=p, attention_mask=m).logits  # noqa: E731
+        lig = LayerIntegratedGradients(forward, model.roberta.embeddings)
+        inputs, baselines = (ids, positions), (baseline, positions.masked_fill(content[None], pad))
+    else:
+        forward = lambda i, m: model(input_ids=i, attention_mask=m).logits  # noqa: E731
+        lig = LayerIntegratedGradients(forward, model.get_input_embeddings())
+        inputs, baselines = ids, baseline
+    attributions = lig.attribute(inputs, baselines=baselines, target=target, n_steps=n_steps,
+                                 method="gausslegendre", additional_forward_args=(mask,))
     return attributions.sum(-1)[0][content]
 
 
@@ -98,7 +111,7 @@ def test_layer_ig_by_default_equals_captum(zoo, family):
     assert explanation["method"] == "layer_ig" and explanation["n_steps"] == N_STEPS
     target = explanation["target"]["index"]
     assert target == body["predictions"][0]["index"]
-    expected = captum_layer_ig(model, tokenizer, TEXT, target, N_STEPS)
+    expected = captum_layer_ig(model, tokenizer, TEXT, family, target, N_STEPS)
     got = torch.tensor([t["attribution"] for t in explanation["tokens"]], dtype=expected.dtype)
     assert len(got) == len(expected) and expected.abs().max() > 1e-3
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))

@@ -84,12 +84,14 @@ class TextRunner(Runner):
 
     def record_parameters(self, item: Item, explanation: dict) -> dict:
         s, options = self.settings.explain, item.options
+        # the effective values: the family's baseline for "auto", the adaptive cap for a left-out adaptive_max
+        baseline = self.explainers[item.method].text.baseline if item.method in ("layer_ig", "occlusion") else None
         params = {"layer": explanation.get("layer"), "n_steps": explanation.get("n_steps"),
                   "integration": explanation.get("integration"), "precision": explanation.get("precision"),
-                  "baseline": s.baseline, "max_length": self.max_length, "top_k": options["top_k"],
+                  "baseline": baseline, "max_length": self.max_length, "top_k": options["top_k"],
                   "html": options["html"], "internal_batch_size": s.internal_batch_size}
         if item.method == "layer_ig" and options["n_steps"] == "auto":
-            params["adaptive"] = {"start": s.adaptive_start, "max": s.adaptive_max,
+            params["adaptive"] = {"start": s.adaptive_start, "max": s.adaptive_top,
                                   "max_relative_delta": s.max_relative_delta}
         return params
 
