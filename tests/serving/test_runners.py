@@ -81,3 +81,10 @@ def test_render_html_escapes_and_keeps_every_word():
     plain = out.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"').replace("&amp;", "&")
     for word in words:
         assert f">{word.word}</span>" in plain
+
+
+def test_a_model_without_parameters_loads_in_fp32():
+    """No parameters to read a dtype from (a fixed filter bank, say): fp32, not a StopIteration at load."""
+    model = nn.Sequential(nn.AvgPool2d(8), nn.Flatten()).eval()  # 48 "classes" from a 32x32 input
+    runner = image_runner(model, target_layer="0")
+    assert runner.precision == "fp32" and len(runner.labels) == 48

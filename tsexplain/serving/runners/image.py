@@ -79,7 +79,8 @@ class ImageRunner(Runner):
         self.labels = [(mapping or {}).get(str(i), str(i)) for i in range(num_classes)]
         if mapping and len(mapping) != num_classes:
             logger.warning("index_to_name.json names %d classes, the model outputs %d", len(mapping), num_classes)
-        self.precision = PRECISION_NAMES.get(next(model.parameters()).dtype, "fp32")  # no autocast for images
+        first = next(model.parameters(), None)  # a model may have no parameters (TorchScript, a fixed filter)
+        self.precision = "fp32" if first is None else PRECISION_NAMES.get(first.dtype, "fp32")  # no autocast
         if is_scripted(model):
             self._without_hooks(explained_model, height, width)
             return
