@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 
 from .store import SqlStore, StoreError
 
@@ -36,12 +37,27 @@ class SqliteStore(SqlStore):
             self.connection = sqlite3.connect(path, timeout=timeout_ms / 1000, isolation_level=None,
                                               check_same_thread=False)
             self.connection.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
-            mode = self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._switch_to_wal(timeout_ms)
             if str(mode).lower() != "wal":
                 raise StoreError(f"audit sink {self.name}: could not switch to WAL mode (got {mode})")
             self.connection.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         except sqlite3.Error as exc:
             raise self.wrap(exc) from None
+
+    def _switch_to_wal(self, timeout_ms: int) -> str:
+        """``PRAGMA journal_mode = WAL``, retried until ``timeout_ms``: on a new file the
+        switch needs the file's exclusive lock, and SQLite answers "database is locked"
+        at once, without its busy handler, while another worker opens the same file
+        (measured without the retry: 2 of 15 starts of 4 worker processes on one new file
+        failed, and 20 of 200 rounds of 6 threads)."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            try:
+                return self.connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
 
     def _create_owner_only(self, path: str) -> None:
         folder = os.path.dirname(path)
