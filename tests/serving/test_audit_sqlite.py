@@ -215,8 +215,6 @@ def test_workers_opening_a_new_file_at_once_all_get_the_trail(tmp_path):
     retry; under on_failure: fail a worker whose trail does not open fails to load. 100 rounds."""
     import threading
 
-    from tsexplain.serving.audit.sqlite import SqliteStore
-
     failed = []
     for round_ in range(100):
         path = str(tmp_path / f"{round_}.db")
@@ -225,7 +223,7 @@ def test_workers_opening_a_new_file_at_once_all_get_the_trail(tmp_path):
         def open_at_once():
             barrier.wait()
             try:
-                store = SqliteStore(f"sqlite://{path}", path, 5000)
+                store = open_store(f"sqlite://{path}")
                 assert store.connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
                 store.close()
             except Exception as exc:  # noqa: BLE001 - counted and shown below

@@ -68,6 +68,9 @@ class TextRunner(Runner):
                                                       **explainer_options(m, settings)) for m in explain.methods}
         except ValueError as exc:
             raise ConfigError(f"explain: {exc}") from None
+        # the baseline each method integrates from (the family's for "auto"), for the audit records
+        self.baselines = {m: e.text.baseline for m, e in self.explainers.items()
+                          if "baseline" in explainer_options(m, settings)}
         default = self.explainers[explain.method]
         self.max_length = default.max_length
         logger.info("text explanations %s (default %s) on %s, %d labels, max_length %d", ",".join(explain.methods),
@@ -84,11 +87,10 @@ class TextRunner(Runner):
 
     def record_parameters(self, item: Item, explanation: dict) -> dict:
         s, options = self.settings.explain, item.options
-        # the effective values: the family's baseline for "auto", the adaptive cap for a left-out adaptive_max
-        baseline = self.explainers[item.method].text.baseline if item.method in ("layer_ig", "occlusion") else None
+        # the effective values: the method's baseline, the adaptive cap for a left-out adaptive_max
         params = {"layer": explanation.get("layer"), "n_steps": explanation.get("n_steps"),
                   "integration": explanation.get("integration"), "precision": explanation.get("precision"),
-                  "baseline": baseline, "max_length": self.max_length, "top_k": options["top_k"],
+                  "baseline": self.baselines.get(item.method), "max_length": self.max_length, "top_k": options["top_k"],
                   "html": options["html"], "internal_batch_size": s.internal_batch_size}
         if item.method == "layer_ig" and options["n_steps"] == "auto":
             params["adaptive"] = {"start": s.adaptive_start, "max": s.adaptive_top,
