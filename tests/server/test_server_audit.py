@@ -175,10 +175,12 @@ def test_control_synchronously_a_prediction_in_the_batch_waits_for_the_write(ser
         predicting = threading.Thread(target=lambda: seen.update(reply=post_text(server, "predictions", "notes", "x")))
         predicting.start()
         time.sleep(3)
-        return predicting
+        # read while the lock is held: once it is released, the batch's answers race this thread
+        return predicting, predicting.is_alive()
 
-    pending, predicting, (status, raw) = while_the_trail_is_locked(server, "notes", tmp / "notes.db", one_prediction)
-    waited = predicting.is_alive() and pending
+    pending, (predicting, waiting), (status, raw) = while_the_trail_is_locked(
+        server, "notes", tmp / "notes.db", one_prediction)
+    waited = waiting and pending
     predicting.join(timeout=120)
     assert waited and seen["reply"][0] == 200 and status == 200
     assert json.loads(raw)["explanation"]["explanation_id"] in exported(f"sqlite://{tmp}/notes.db")
