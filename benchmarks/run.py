@@ -80,15 +80,20 @@ class Plan:
     load: Budget  # concurrent load, each phase (split in 2 x load_rounds slices)
     threads: int
     load_rounds: int = 1  # under_load runs its ABCDDCBA order this many times (background load spreads evenly)
+    throughput_cycles: int = 1  # throughput runs its ABBA order this many times
 
 
 # Small enough for ~15 minutes on 2 CPU cores for all four models (quick: a smoke test).
 PLANS = {
     "quick": {"small": Plan(2, Budget(6, 20), Budget(6, 20), Budget(2, 30), Budget(16, 20), Budget(20, 30), 4)},
-    "cpu": {"small": Plan(5, Budget(100, 30), Budget(100, 30), Budget(20, 30), Budget(200, 20), Budget(300, 30), 8,
-                          load_rounds=3),
-            "resnet50": Plan(3, Budget(25, 30), Budget(25, 30), Budget(3, 60), Budget(48, 25), Budget(60, 40), 8),
-            "bert-base": Plan(2, Budget(20, 30), Budget(3, 60), Budget(3, 60), Budget(48, 25), Budget(40, 40), 8)},
+    # throughput: 3 ABBA cycles of phases long enough for tens of batches (a phase of 100 shapes requests
+    # lasted 0.6 s, of 24 ResNet-50 requests 3 batches: ratios from those moved by +-0.1 between runs)
+    "cpu": {"small": Plan(5, Budget(100, 30), Budget(100, 30), Budget(20, 30), Budget(4800, 60), Budget(300, 30), 8,
+                          load_rounds=3, throughput_cycles=3),
+            "resnet50": Plan(3, Budget(25, 30), Budget(25, 30), Budget(3, 60), Budget(480, 90), Budget(60, 40), 8,
+                             throughput_cycles=3),
+            "bert-base": Plan(2, Budget(20, 30), Budget(3, 60), Budget(3, 60), Budget(240, 90), Budget(40, 40), 8,
+                              throughput_cycles=3)},
     # Aimed at the device tool's 10-minute command limit for resnet50 and bert-base together (not yet run
     # with the eight under_load phases; if it runs over, give benchmarks/gpu/run.sh one model per call).
     "gpu": {"small": Plan(20, Budget(300, 15), Budget(300, 15), Budget(50, 25), Budget(2000, 15), Budget(2000, 12), 16),
@@ -210,21 +215,34 @@ def run_threads(worker, threads: int) -> None:
 
 
 def throughput(client: Client, plan: Plan) -> dict:
-    """Concurrent /predictions, stock and ours in ABBA order on the batching variants."""
-    name, half = client.model.name, plan.throughput.scaled(0.5)
+    """Concurrent /predictions, stock and ours in ABBA order on the batching variants, the ABBA
+    repeated ``plan.throughput_cycles`` times (background load falls on both sides alike); the
+    ratio from all phases together, and each cycle's ratio to show the spread."""
+    name = client.model.name
+    half = plan.throughput.scaled(0.5 / plan.throughput_cycles)
     totals = {"stock": [0, 0.0, 0], "ours": [0, 0.0, 0]}  # ok, seconds, errors
-    for side in ("stock", "ours", "ours", "stock"):
-        variant, stock = (f"{name}_stock_b8", True) if side == "stock" else (f"{name}_b8", False)
-        for i in range(plan.warmup):
-            client.call(variant, "predictions", i, stock)
-        results, wall = concurrent(lambda i: client.call(variant, "predictions", i, stock)[0], plan.threads, half)
-        totals[side][0] += sum(status == 200 for status in results)
-        totals[side][1] += wall
-        totals[side][2] += sum(status != 200 for status in results)
+    for i in range(plan.warmup):
+        client.call(f"{name}_stock_b8", "predictions", i, True)
+        client.call(f"{name}_b8", "predictions", i, False)
+    cycles = []
+    for _ in range(plan.throughput_cycles):
+        cycle = {"stock": [0, 0.0], "ours": [0, 0.0]}
+        for side in ("stock", "ours", "ours", "stock"):
+            variant, stock = (f"{name}_stock_b8", True) if side == "stock" else (f"{name}_b8", False)
+            results, wall = concurrent(lambda i: client.call(variant, "predictions", i, stock)[0], plan.threads, half)
+            ok = sum(status == 200 for status in results)
+            totals[side][0] += ok
+            totals[side][1] += wall
+            totals[side][2] += sum(status != 200 for status in results)
+            cycle[side][0] += ok
+            cycle[side][1] += wall
+        rps = {side: ok / sec if sec else 0.0 for side, (ok, sec) in cycle.items()}
+        cycles.append(round(rps["ours"] / rps["stock"], 4) if rps["stock"] else None)
     out = {side: {"requests": ok, "seconds": round(sec, 3), "errors": err, "rps": round(ok / sec, 3) if sec else 0.0}
            for side, (ok, sec, err) in totals.items()}
     out["threads"] = plan.threads
     out["ratio_ours_vs_stock"] = round(out["ours"]["rps"] / out["stock"]["rps"], 4) if out["stock"]["rps"] else None
+    out["cycle_ratios"] = cycles
     return out
 
 
