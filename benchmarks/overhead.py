@@ -57,6 +57,10 @@ class Driven:
         self.context = Context(self.name, str(model_dir), manifest, 8, None, "0.12.0",
                                metrics=RecordingMetrics(), model_yaml_config=config)
         sys.path.insert(0, str(model_dir))  # as the worker has it while the model loads
+        # Each worker is its own process; here the model directories share one. The stock handler
+        # imports its model file as module ``model``: drop the previous model's, or it builds that.
+        for name in [n for n, m in sys.modules.items() if str(model_dir.parent) in (getattr(m, "__file__", "") or "")]:
+            del sys.modules[name]
         try:
             handler_module = importlib.import_module(module)
             self.handler = getattr(handler_module, {**STOCK_CLASSES, **OURS_CLASSES}[module])()
@@ -129,6 +133,15 @@ def bodies_of(model: models.Model, stock: bool, n: int) -> list[bytes]:
     return out
 
 
+def top_class(answer: bytes) -> str:
+    """The first-ranked label of an answer: a ``{label: probability}`` object (ours, stock
+    images) or a bare label (the stock text handler)."""
+    decoded = json.loads(answer) if answer[:1] in (b"{", b"[") else answer.decode()
+    if isinstance(decoded, list):
+        decoded = decoded[0]
+    return max(decoded, key=decoded.get) if isinstance(decoded, dict) else str(decoded)
+
+
 def interleaved(ours: Driven, stock: Driven, ours_batch, stock_batch, reps: int) -> dict:
     """Median seconds of each, the two alternating (and which goes first alternating)."""
     times = {"ours": [], "stock": []}
@@ -197,6 +210,7 @@ def main(argv=None) -> int:
             row = {"model": name, "batch": n, **interleaved(ours, stock, ours_batch, stock_batch, args.reps)}
             mine, theirs = ours.answers(ours_batch), stock.answers(stock_batch)
             row["ours_answer_bytes"], row["stock_answer_bytes"] = len(mine[0]), len(theirs[0])
+            row["same_top_class"] = [top_class(a) == top_class(b) for a, b in zip(mine, theirs)]
             results.append(row)
             print(f"{name} batch {n}: ours {row['ours_ms']:.2f} ms, stock {row['stock_ms']:.2f} ms, "
                   f"ratio {row['ratio']:.3f} (paired {row['paired_ratio']:.3f}), {args.reps} reps; "
