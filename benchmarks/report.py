@@ -33,6 +33,13 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cycles(throughput: dict) -> str:
+    """Each timed cycle's ratio, after the warm-up cycles' (reported, not counted)."""
+    timed = ", ".join(str(r) for r in throughput.get("cycle_ratios", [])) or "-"
+    warmup = throughput.get("warmup_cycle_ratios")
+    return f"(warm-up {', '.join(str(r) for r in warmup)}) {timed}" if warmup else timed
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     parts = [f"Measured {env['date']} on {env['device']}, {env['cpu_count']} CPU cores ({env['machine']}); "
@@ -64,14 +71,14 @@ def markdown(results: dict) -> str:
         parts.append("\n**LIG convergence** (ours, relative delta)\n\n" + _table(
             ["model", "n", "share ≤ 0.05", "median", "max"], conv))
     parts.append("\n**Concurrent /predictions throughput** (batching variants, batchSize 8, maxBatchDelay 10 ms; "
-                 "stock and ours in ABBA cycles, each cycle's ratio listed)\n\n"
+                 "stock and ours in ABBA cycles, each cycle's ratio listed; warm-up cycles, in parentheses, not counted)\n\n"
                  + _table(["model", "threads", "requests (stock / ours)", "stock req/s", "ours req/s", "ours ÷ stock",
                            "per cycle", "errors"],
                           [[n, m["throughput"]["threads"],
                             f'{m["throughput"]["stock"]["requests"]} / {m["throughput"]["ours"]["requests"]}',
                             m["throughput"]["stock"]["rps"], m["throughput"]["ours"]["rps"],
                             m["throughput"]["ratio_ours_vs_stock"],
-                            ", ".join(str(r) for r in m["throughput"].get("cycle_ratios", [])) or "-",
+                            _cycles(m["throughput"]),
                             m["throughput"]["stock"]["errors"] + m["throughput"]["ours"]["errors"]]
                            for n, m in models.items()]))
     rows = []

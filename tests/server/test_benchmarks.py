@@ -54,6 +54,7 @@ def test_every_scenario_measured_without_errors(quick):
         assert tp["stock"]["errors"] == 0 and tp["ours"]["errors"] == 0
         assert tp["stock"]["rps"] > 0 and tp["ours"]["rps"] > 0
         assert len(tp["cycle_ratios"]) == 1 and tp["cycle_ratios"][0] > 0  # the quick profile: one ABBA cycle
+        assert tp["warmup_cycle_ratios"] == [] and [p[2] for p in tp["phase_rps"]] == [True] * 4
         load = model["under_load"]
         assert load["open_loop"]["rate_rps"] > 0
         for loop in (load, load["open_loop"]):
