@@ -13,7 +13,7 @@ python -m tsexplain.tools.launcher wait --models shapes,reviews --timeout 300
 KEY=$(python -c "import json; print(json.load(open('key_file.json'))['inference']['key'])")
 cat <<MSG
 
-TorchServe is serving the demo models on http://127.0.0.1:8080 (stop it with: torchserve --stop).
+TorchServe is serving the demo models on http://127.0.0.1:8080 (stop it with: .venv/bin/torchserve --stop).
 The inference key is in key_file.json. Try (ready to paste):
 
 curl -s -H "Authorization: Bearer $KEY" -T build/examples/star.png http://127.0.0.1:8080/predictions/shapes
