@@ -136,10 +136,10 @@ def bodies_of(model: models.Model, stock: bool, n: int) -> list[bytes]:
 def top_class(answer: bytes) -> str:
     """The first-ranked label of an answer: a ``{label: probability}`` object (ours, stock
     images) or a bare label (the stock text handler)."""
-    decoded = json.loads(answer) if answer[:1] in (b"{", b"[") else answer.decode()
-    if isinstance(decoded, list):
-        decoded = decoded[0]
-    return max(decoded, key=decoded.get) if isinstance(decoded, dict) else str(decoded)
+    if not answer.startswith(b"{"):
+        return answer.decode()
+    probabilities = json.loads(answer)
+    return max(probabilities, key=probabilities.get)
 
 
 def interleaved(ours: Driven, stock: Driven, ours_batch, stock_batch, reps: int) -> dict:

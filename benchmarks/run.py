@@ -239,14 +239,15 @@ def throughput(client: Client, plan: Plan) -> dict:
         for side in ("stock", "ours", "ours", "stock"):
             variant, stock = (f"{name}_stock_b8", True) if side == "stock" else (f"{name}_b8", False)
             results, wall = concurrent(lambda i: client.call(variant, "predictions", i, stock)[0], plan.threads, half)
-            ok, failed = sum(status == 200 for status in results), sum(status != 200 for status in results)
+            ok = sum(status == 200 for status in results)
+            totals[side][2] += len(results) - ok  # an error counts, timed or not
             cycle[side][0] += ok
             cycle[side][1] += wall
             phases.append([side, round(ok / wall, 3) if wall else 0.0, timed])
-            totals[side][2] += failed  # an error counts, timed or not
-            if timed:
+        if timed:
+            for side, (ok, sec) in cycle.items():
                 totals[side][0] += ok
-                totals[side][1] += wall
+                totals[side][1] += sec
         rps = {side: ok / sec if sec else 0.0 for side, (ok, sec) in cycle.items()}
         cycles.append(round(rps["ours"] / rps["stock"], 4) if rps["stock"] else None)
     out = {side: {"requests": ok, "seconds": round(sec, 3), "errors": err, "rps": round(ok / sec, 3) if sec else 0.0}
